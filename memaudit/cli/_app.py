@@ -1,0 +1,34 @@
+"""The Typer app and the consoles every command shares (rich output goes to stderr)."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from memaudit._version import __version__
+
+app = typer.Typer(
+    name="memaudit",
+    help="Audit image classifiers for memorized training examples, localize, and remove them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"memaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """memaudit: does this model remember these images, where, and can it forget them?"""

@@ -1,0 +1,104 @@
+"""``memaudit testbed`` and ``memaudit demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from memaudit.cli._app import app, err, out
+from memaudit.cli._common import DeviceOpt
+from memaudit.testbed import EpochEnd, TestbedConfig, TestbedResult, build_testbed, load_testbed
+
+
+def progress() -> Progress:
+    """The progress bar every long command shows (on stderr)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err,
+        transient=False,
+    )
+
+
+def run_testbed(out_dir: Path, config: TestbedConfig, device: str) -> TestbedResult:
+    """Build the testbed with a progress bar."""
+    with progress() as bar:
+        task = bar.add_task("training", total=config.epochs, status="")
+
+        def on_epoch(event: EpochEnd) -> None:
+            bar.update(task, completed=event.epoch, status=f"loss {event.loss:.3f}")
+
+        return build_testbed(out_dir, config, device=device, on_epoch=on_epoch)
+
+
+def testbed_table(result: TestbedResult) -> Table:
+    table = Table(title=f"testbed: {result.config.arch} on {result.config.data}")
+    table.add_column("accuracy on")
+    table.add_column("examples", justify="right")
+    table.add_column("accuracy", justify="right")
+    n_clean = result.n_train - result.n_noisy
+    table.add_row(
+        "noisy train (given labels)", str(result.n_noisy), f"{result.noisy_train_accuracy:.1%}"
+    )
+    table.add_row("clean train", str(n_clean), f"{result.clean_train_accuracy:.1%}")
+    table.add_row("test", str(result.n_test), f"{result.test_accuracy:.1%}")
+    table.caption = f"{result.seconds:.0f} s; model {result.model}; flagged ids {result.noisy_ids}"
+    return table
+
+
+@app.command()
+def testbed(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory to write the testbed to.")
+    ] = Path("memaudit-testbed"),
+    data: Annotated[
+        str, typer.Option(help="'mnist' (bundled) or a dataset path with train/test.")
+    ] = "mnist",
+    arch: Annotated[
+        str, typer.Option(help="memaudit:resnet9 or any timm:NAME.")
+    ] = "memaudit:resnet9",
+    noise: Annotated[float, typer.Option(help="Fraction of training labels to corrupt.")] = 0.1,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 0.05,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
+    image_size: Annotated[int | None, typer.Option(help="Resize images (timm models).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the noise and training.")] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Build the paper's label-noise testbed and train a model that memorizes the noisy labels."""
+    config = TestbedConfig(
+        data=data,
+        arch=arch,
+        noise=noise,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        image_size=image_size,
+        seed=seed,
+    )
+    result = run_testbed(out_dir, config, device)
+    out.print(testbed_table(result))
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Working directory of the demo.")] = Path(
+        "memaudit-demo"
+    ),
+    device: DeviceOpt = "auto",
+) -> None:
+    """The whole audit on the bundled MNIST testbed (built on first run, then reused)."""
+    result = load_testbed(out_dir / "testbed")
+    if result is None:
+        err.print("[bold]Building the label-noise testbed[/] (real MNIST, 10% wrong labels)")
+        result = run_testbed(out_dir / "testbed", TestbedConfig(), device)
+    else:
+        err.print(f"Reusing the testbed in {out_dir / 'testbed'}")
+    out.print(testbed_table(result))

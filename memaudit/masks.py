@@ -1,0 +1,77 @@
+"""Per-example unit masks: the only module in memaudit that registers forward hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from memaudit.units import Layer, UnitSpace
+
+
+class UnitMasks:
+    """Multiply each unit's output by a per-example mask while the context is open.
+
+    ``mask`` is ``[B, U]`` (one row per example of the batch, one column per unit of ``space``),
+    broadcast over spatial positions or tokens. ``None`` leaves the model unchanged. Give the mask
+    ``requires_grad=True`` to read ``d loss / d mask`` (gradient x activation) after backward.
+    Every hook this context registers is removed on exit, also when the body raises.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> space = UnitSpace(net, exclude=["2"])
+        >>> with UnitMasks(net, space) as masks:
+        ...     masks.mask = torch.ones(5, space.total)
+        ...     logits = net(torch.randn(5, 3))
+        >>> logits.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, model: nn.Module, space: UnitSpace) -> None:
+        self.model = model
+        self.space = space
+        self.mask: torch.Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> UnitMasks:
+        try:
+            for layer in self.space.layers:
+                module = self.model.get_submodule(layer.name)
+                self._handles.append(module.register_forward_hook(self._hook(layer)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, layer: Layer) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
+        def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self.mask is None:
+                return None
+            rows = self.mask[:, layer.offset : layer.offset + layer.size]
+            if rows.shape[0] != output.shape[0]:
+                raise ValueError(
+                    f"mask has {rows.shape[0]} rows but layer {layer.name!r} saw a batch of "
+                    f"{output.shape[0]}; give one mask row per example"
+                )
+            shape = [output.shape[0]] + [1] * (output.ndim - 1)
+            shape[layer.dim] = layer.size
+            return output * rows.reshape(shape).to(output.dtype)
+
+        return hook

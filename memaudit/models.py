@@ -1,0 +1,560 @@
+"""Loading classifiers of any family behind one entry point, :func:`load_model`.
+
+Every model comes back as a :class:`Classifier`: an ``nn.Module`` whose forward returns a logits
+tensor ``[B, K]`` and which carries a :class:`ModelInfo` (architecture, classes, preprocessing,
+training data). Families (timm, Hugging Face, memaudit's own small nets) live in a registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from memaudit.errors import MemauditError
+from memaudit.units import UnitSpace, last_unit_layer
+
+CHECKPOINT_FORMAT = "memaudit-checkpoint/1"
+_STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+class Preprocess(BaseModel):
+    """How images become model inputs: resize to ``image_size``, scale to [0, 1], normalize."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image_size: int | None = None
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+
+
+class DataRef(BaseModel):
+    """Where a model's training data lives, so a checkpoint can name it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """What memaudit knows about a model; memaudit checkpoints store it beside the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str
+    arch: str
+    num_classes: int
+    in_chans: int | None = None
+    preprocess: Preprocess | None = None
+    class_names: list[str] | None = None
+    head: str | None = None
+    train_data: DataRef | None = None
+    arch_config: dict[str, Any] = {}
+
+
+class Classifier(nn.Module):
+    """A model whose forward returns logits ``[B, K]``, with its :class:`ModelInfo`.
+
+    Hugging Face models return dataclasses and some nets return tuples; memaudit always sees
+    the logits tensor. The wrapped model is ``net``: unit names and state-dict keys are its own.
+    """
+
+    def __init__(self, net: nn.Module, info: ModelInfo) -> None:
+        super().__init__()
+        self.net = net
+        self.info = info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise MemauditError(
+            f"the model returned {type(out).__name__}, not logits; wrap it so forward returns "
+            "a [batch, classes] tensor"
+        )
+
+    def units(self, *, include_head: bool = False) -> UnitSpace:
+        """The units of ``net`` (every conv channel and linear feature), head excluded."""
+        exclude = [] if include_head or self.info.head is None else [self.info.head]
+        return UnitSpace(self.net, exclude=exclude)
+
+
+# --- architecture families -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build and describe the models of one family (``prefix:name`` sources)."""
+
+    build: Callable[..., nn.Module]  # (name, *, num_classes, in_chans, config, pretrained)
+    head: Callable[[nn.Module], str | None]
+    preprocess: Callable[[nn.Module, int], Preprocess | None]
+    config: Callable[[nn.Module], dict[str, Any]]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(prefix: str, family: Family) -> None:
+    """Register a model family; refuses to silently replace an existing one."""
+    if prefix in FAMILIES:
+        raise ValueError(f"model family {prefix!r} is already registered")
+    FAMILIES[prefix] = family
+
+
+def _module_name(net: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, m in net.named_modules() if m is target and name), None)
+
+
+def _timm_build(
+    name: str, *, num_classes: int, in_chans: int, config: dict[str, Any], pretrained: bool
+) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **config
+        )
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise MemauditError(
+                f"timm has no architecture {name!r}; see timm.list_models() for names"
+            ) from None
+        raise
+    except (OSError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise _hub_error(f"timm:{name}", err) from None
+
+
+def _timm_head(net: nn.Module) -> str | None:
+    get = getattr(net, "get_classifier", None)
+    head = get() if callable(get) else None
+    return _module_name(net, head if isinstance(head, nn.Module) else None)
+
+
+def _timm_preprocess(net: nn.Module, in_chans: int) -> Preprocess | None:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=net)
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if len(mean) != in_chans:  # timm's ImageNet statistics do not fit a 1-channel model
+        return Preprocess(image_size=int(cfg["input_size"][-1]))
+    return Preprocess(image_size=int(cfg["input_size"][-1]), mean=mean, std=std)
+
+
+def _hf_build(
+    name: str, *, num_classes: int, in_chans: int, config: dict[str, Any], pretrained: bool
+) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if pretrained:
+        try:
+            return AutoModelForImageClassification.from_pretrained(name)
+        except OSError as err:
+            raise _hub_error(f"hf:{name}", err) from None
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", name)
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    hf_config.num_labels = num_classes
+    return AutoModelForImageClassification.from_config(hf_config)
+
+
+def _hf_head(net: nn.Module) -> str | None:
+    head = getattr(net, "classifier", None)
+    return _module_name(net, head) if isinstance(head, nn.Module) else last_unit_layer(net)
+
+
+def _hf_preprocess(net: nn.Module, in_chans: int) -> Preprocess | None:
+    size = getattr(getattr(net, "config", None), "image_size", None)
+    return Preprocess(image_size=int(size)) if isinstance(size, int) else None
+
+
+def _hf_config(net: nn.Module) -> dict[str, Any]:
+    config: dict[str, Any] = net.config.to_dict()  # type: ignore[union-attr, operator]
+    # Label maps are rebuilt from num_classes; keys must not turn into strings twice.
+    for key in ("id2label", "label2id", "transformers_version", "architectures"):
+        config.pop(key, None)
+    return config
+
+
+def _memaudit_build(
+    name: str, *, num_classes: int, in_chans: int, config: dict[str, Any], pretrained: bool
+) -> nn.Module:
+    from memaudit.nets import NETS
+
+    if pretrained:
+        raise MemauditError(f"memaudit:{name} has no pretrained weights; train it with testbed")
+    if name not in NETS:
+        raise MemauditError(f"memaudit has no architecture {name!r}; choose from {sorted(NETS)}")
+    return NETS[name](num_classes=num_classes, in_chans=in_chans, **config)
+
+
+register_family(
+    "timm",
+    Family(
+        build=_timm_build,
+        head=_timm_head,
+        preprocess=_timm_preprocess,
+        config=lambda net: {},
+    ),
+)
+register_family(
+    "hf",
+    Family(build=_hf_build, head=_hf_head, preprocess=_hf_preprocess, config=_hf_config),
+)
+register_family(
+    "memaudit",
+    Family(
+        build=_memaudit_build,
+        head=lambda net: "fc",
+        preprocess=lambda net, in_chans: None,
+        config=lambda net: dict(getattr(net, "config", {})),
+    ),
+)
+
+
+def _hub_error(source: str, err: BaseException) -> MemauditError:
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0")
+    return MemauditError(
+        f"could not fetch {source} from the hub or find it in the cache {constants.HF_HUB_CACHE} "
+        f"(HF_HUB_OFFLINE={offline}): download it on a machine with network access into that "
+        f"cache, or pass a local checkpoint ({type(err).__name__})"
+    )
+
+
+def _split_arch(arch: str) -> tuple[str, str]:
+    prefix, sep, name = arch.partition(":")
+    if not sep or prefix not in FAMILIES or not name:
+        raise MemauditError(
+            f"unknown architecture {arch!r}; use one of "
+            + ", ".join(f"'{p}:NAME'" for p in FAMILIES)
+            + " (e.g. timm:resnet18)"
+        )
+    return prefix, name
+
+
+def build_model(
+    arch: str,
+    *,
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained: bool = False,
+    config: Mapping[str, Any] | None = None,
+    source: str | None = None,
+) -> Classifier:
+    """Build ``arch`` (``family:name``) with fresh weights (or hub weights when ``pretrained``)."""
+    prefix, name = _split_arch(arch)
+    family = FAMILIES[prefix]
+    cfg = dict(config or {})
+    net = family.build(
+        name, num_classes=num_classes, in_chans=in_chans, config=cfg, pretrained=pretrained
+    )
+    hf_config: Any = getattr(net, "config", None)
+    if prefix == "hf" and pretrained:
+        num_classes = int(hf_config.num_labels)
+        in_chans = int(getattr(hf_config, "num_channels", in_chans))
+    info = ModelInfo(
+        source=source or arch,
+        arch=arch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        preprocess=family.preprocess(net, in_chans),
+        head=family.head(net),
+        arch_config=cfg if prefix != "hf" else family.config(net),
+    )
+    if prefix == "hf":
+        labels = getattr(hf_config, "id2label", None)
+        if pretrained and isinstance(labels, dict):
+            info.class_names = [str(labels[i]) for i in sorted(labels)]
+    return Classifier(net, info).eval()
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_model(
+    source: str | os.PathLike[str] | nn.Module,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    pretrained: bool = False,
+    trust_pickle: bool = False,
+) -> Classifier:
+    """Load a classifier in eval mode from any source memaudit understands.
+
+    Sources: an ``nn.Module``; ``timm:NAME`` (fresh, or hub weights with ``pretrained``);
+    ``hf:ORG/NAME`` (hub); a Hugging Face ``save_pretrained`` directory; a memaudit checkpoint;
+    a state-dict file (``.pt``/``.pth``/``.bin``/``.safetensors``) with ``arch``; a pickled
+    ``nn.Module`` only with ``trust_pickle=True`` (unpickling runs arbitrary code).
+
+    Example:
+        >>> model = load_model("timm:resnet18", num_classes=10, in_chans=1)
+        >>> model.info.num_classes, model(torch.zeros(2, 1, 32, 32)).shape
+        (10, torch.Size([2, 10]))
+    """
+    if isinstance(source, Classifier):
+        return source.eval()
+    if isinstance(source, nn.Module):
+        return _wrap_module(source, "module").eval()
+    text = os.fspath(source)
+    if text.startswith("hf:") and not Path(text).exists():
+        return build_model(text, num_classes=num_classes or 0, pretrained=True, source=text)
+    if text.startswith(tuple(f"{p}:" for p in FAMILIES)) and not Path(text).exists():
+        return build_model(
+            text,
+            num_classes=num_classes or 1000,
+            in_chans=in_chans or 3,
+            pretrained=pretrained,
+            source=text,
+        )
+    path = Path(text)
+    if not path.exists():
+        raise MemauditError(
+            f"model {text!r} not found: give an existing file or directory, or an architecture "
+            "such as timm:resnet18"
+        )
+    if path.is_dir():
+        return _load_hf_dir(path)
+    if path.suffix not in _STATE_DICT_SUFFIXES:
+        raise MemauditError(
+            f"{path} is not a model file memaudit reads; use .pt, .pth, .bin or .safetensors"
+        )
+    payload, meta = _read_file(path, trust_pickle=trust_pickle)
+    if isinstance(payload, nn.Module):
+        return _wrap_module(payload, str(path)).eval()
+    if meta is not None:
+        return _from_checkpoint(path, payload, meta)
+    if arch is None:
+        raise MemauditError(
+            f"{path} holds a bare state dict: name its architecture with --arch / arch= "
+            "(e.g. --arch timm:resnet18)"
+        )
+    return _from_state_dict(path, payload, arch, num_classes=num_classes, in_chans=in_chans)
+
+
+def _wrap_module(net: nn.Module, source: str) -> Classifier:
+    head = last_unit_layer(net)
+    head_module = net.get_submodule(head) if head else None
+    out = getattr(head_module, "out_features", None) or getattr(head_module, "out_channels", 0)
+    info = ModelInfo(
+        source=source, arch=f"module:{type(net).__name__}", num_classes=int(out or 0), head=head
+    )
+    return Classifier(net, info)
+
+
+def _read_file(
+    path: Path, *, trust_pickle: bool
+) -> tuple[dict[str, torch.Tensor] | nn.Module, dict[str, Any] | None]:
+    """Tensors (or a trusted pickled module) and memaudit metadata, if the file has any."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise MemauditError(f"{path} is not a readable safetensors file ({err})") from None
+        meta = json.loads(header["memaudit"]) if "memaudit" in header else None
+        return tensors, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError:
+        raise MemauditError(
+            f"{path} holds pickled Python objects, and unpickling runs arbitrary code; if you "
+            "trust the file, pass --trust-pickle (trust_pickle=True)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise MemauditError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+    if isinstance(obj, nn.Module):
+        return obj, None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return obj["state_dict"], json.loads(obj["memaudit"])
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, None
+    raise MemauditError(
+        f"{path} holds neither a state dict nor a model; save one with torch.save(model."
+        "state_dict(), path)"
+    )
+
+
+def _load_hf_dir(path: Path) -> Classifier:
+    from transformers import AutoModelForImageClassification
+
+    if not (path / "config.json").exists():
+        raise MemauditError(
+            f"{path} is a directory without config.json; give a Hugging Face save_pretrained "
+            "directory or a checkpoint file"
+        )
+    try:
+        net = AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise MemauditError(f"{path} is not a loadable image classifier ({err})") from None
+    family = FAMILIES["hf"]
+    in_chans = int(getattr(net.config, "num_channels", 3))
+    labels = getattr(net.config, "id2label", None) or {}
+    info = ModelInfo(
+        source=str(path),
+        arch=f"hf:{net.config.model_type}",
+        num_classes=int(net.config.num_labels),
+        in_chans=in_chans,
+        preprocess=_hf_dir_preprocess(path) or family.preprocess(net, in_chans),
+        class_names=[str(labels[i]) for i in sorted(labels)] if labels else None,
+        head=family.head(net),
+        arch_config=family.config(net),
+    )
+    return Classifier(net, info).eval()
+
+
+def _hf_dir_preprocess(path: Path) -> Preprocess | None:
+    file = path / "preprocessor_config.json"
+    if not file.exists():
+        return None
+    cfg = json.loads(file.read_text())
+    size = cfg.get("size")
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge")
+    mean, std = cfg.get("image_mean"), cfg.get("image_std")
+    if mean is None or std is None:
+        return Preprocess(image_size=size)
+    return Preprocess(image_size=size, mean=tuple(mean), std=tuple(std))
+
+
+def _from_checkpoint(
+    path: Path, state: Mapping[str, torch.Tensor], meta: dict[str, Any]
+) -> Classifier:
+    info = ModelInfo.model_validate(meta)
+    model = build_model(
+        info.arch,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans or 3,
+        config=info.arch_config,
+        source=str(path),
+    )
+    _load_state(model.net, state, path, info.arch)
+    model.info = info.model_copy(update={"source": str(path)})
+    return model.eval()
+
+
+def _from_state_dict(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    arch: str,
+    *,
+    num_classes: int | None,
+    in_chans: int | None,
+) -> Classifier:
+    probe = build_model(arch, num_classes=num_classes or 10, in_chans=in_chans or 3)
+    found_classes, found_chans = _shapes_from_state(probe, state)
+    for name, given, found in (
+        ("num_classes", num_classes, found_classes),
+        ("in_chans", in_chans, found_chans),
+    ):
+        if given is not None and found is not None and given != found:
+            raise MemauditError(
+                f"{path} was trained with {name}={found} but {name}={given} was given; "
+                f"drop the option or pass {found}"
+            )
+    model = build_model(
+        arch,
+        num_classes=num_classes or found_classes or 1000,
+        in_chans=in_chans or found_chans or 3,
+        source=str(path),
+    )
+    _load_state(model.net, state, path, arch)
+    return model.eval()
+
+
+def _shapes_from_state(
+    probe: Classifier, state: Mapping[str, torch.Tensor]
+) -> tuple[int | None, int | None]:
+    """(num_classes, in_chans) read off the head and first-convolution weights of ``state``."""
+    head = probe.info.head
+    head_weight = state.get(f"{head}.weight") if head else None
+    first_conv = next((k for k, v in probe.net.state_dict().items() if v.ndim == 4), None)
+    conv_weight = state.get(first_conv) if first_conv else None
+    classes = int(head_weight.shape[0]) if head_weight is not None else None
+    chans = int(conv_weight.shape[1]) if conv_weight is not None else None
+    return classes, chans
+
+
+def _load_state(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    result = net.load_state_dict(dict(state), strict=False)
+    problems = [*result.missing_keys, *result.unexpected_keys]
+    if problems:
+        raise MemauditError(
+            f"{path} does not match architecture {arch}: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {problems[0]!r}); check --arch"
+        )
+
+
+def save_model(
+    model: Classifier, path: str | os.PathLike[str], *, train_data: DataRef | None = None
+) -> Path:
+    """Write a memaudit checkpoint: weights plus :class:`ModelInfo`, reloadable with no flags.
+
+    ``.safetensors`` (recommended) stores the info as header metadata; ``.pt`` stores tensors
+    and strings only, so it loads with ``torch.load(weights_only=True)``.
+    """
+    out = Path(path)
+    info = (
+        model.info
+        if train_data is None
+        else model.info.model_copy(update={"train_data": train_data})
+    )
+    if info.arch.split(":")[0] not in FAMILIES:
+        raise MemauditError(
+            f"cannot save a {info.arch} model as a memaudit checkpoint: its architecture is not "
+            "in a registered family; save its state_dict and reload it with --arch"
+        )
+    meta = info.model_dump_json()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(
+            _unshare(state), str(out), metadata={"memaudit": meta, "format": CHECKPOINT_FORMAT}
+        )
+    else:
+        torch.save({"format": CHECKPOINT_FORMAT, "memaudit": meta, "state_dict": state}, out)
+    return out
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): store copies."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out

