@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import click
 
-from memaudit.cli import _testbed  # noqa: F401  (registers commands)
+from memaudit.cli import _probe, _report, _scan, _testbed, _unlearn  # noqa: F401  (commands)
 from memaudit.cli._app import app, err
 from memaudit.errors import MemauditError
 

@@ -1,0 +1,3 @@
+"""``memaudit probe`` commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""``memaudit report`` commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""``memaudit scan`` commands."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""``memaudit unlearn`` commands."""
+
+from __future__ import annotations

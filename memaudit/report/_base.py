@@ -1,0 +1,73 @@
+"""The base every memaudit report shares: versioned, frozen, strict, JSON round-trip."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from memaudit._version import __version__
+from memaudit.errors import MemauditError
+
+R = TypeVar("R", bound="Report")
+
+
+class ReportError(MemauditError):
+    """A file is not a memaudit report of the expected kind, or is of a newer schema."""
+
+
+class Report(BaseModel):
+    """Base of every report: ``kind``, ``schema_version``, tool version, creation time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    KIND: ClassVar[str] = "report"
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    kind: str
+    schema_version: int
+    memaudit_version: str = __version__
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def to_json(self, path: str | os.PathLike[str]) -> Path:
+        """Write the report as indented JSON."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(self.model_dump_json(indent=2))
+        return out
+
+    @classmethod
+    def from_json(cls: type[R], path: str | os.PathLike[str]) -> R:
+        """Read and validate a report; a clear error for other files or newer schemas."""
+        file = Path(path)
+        if not file.is_file():
+            raise ReportError(f"report {str(path)!r} not found")
+        try:
+            raw = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ReportError(f"{file} is not JSON, so not a memaudit report") from None
+        return cls.from_dict(raw, source=str(file))
+
+    @classmethod
+    def from_dict(cls: type[R], raw: object, *, source: str = "<data>") -> R:
+        if not isinstance(raw, dict) or "schema_version" not in raw or "kind" not in raw:
+            raise ReportError(f"{source} is not a memaudit report (no kind/schema_version)")
+        if raw["kind"] != cls.KIND:
+            raise ReportError(f"{source} is a {raw['kind']!r} report, not a {cls.KIND!r} report")
+        if int(raw["schema_version"]) > cls.SCHEMA_VERSION:
+            raise ReportError(
+                f"{source} has schema version {raw['schema_version']}, newer than this memaudit "
+                f"reads ({cls.SCHEMA_VERSION}); upgrade memaudit"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ReportError(
+                f"{source} is not a valid {cls.KIND} report: {where}: {first['msg']}"
+            ) from None
