@@ -108,6 +108,7 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 
 BatchHook = Callable[[torch.Tensor], None]
+LossHook = Callable[[torch.Tensor, torch.Tensor], None]  # (ids, per-example losses)
 
 
 def train(
@@ -124,11 +125,14 @@ def train(
     device: str | torch.device = "auto",
     on_epoch: Callable[[EpochEnd], None] | None = None,
     on_batch: BatchHook | None = None,
+    on_loss: LossHook | None = None,
 ) -> Classifier:
     """Train ``model`` on ``data`` (or its ``rows``) with SGD and a one-cycle schedule.
 
     ``on_batch`` receives the example ids of each batch before its forward pass (example-tied
-    dropout and the gradient probe use it); ``on_epoch`` receives an :class:`EpochEnd`.
+    dropout uses it); ``on_loss`` receives the ids and the per-example losses, still on the
+    autograd graph, before the backward pass (the gradient probe uses it); ``on_epoch`` receives
+    an :class:`EpochEnd`.
     """
     dev = pick_device(device)
     model.to(dev).train()
@@ -147,7 +151,12 @@ def train(
         for batch in order.split(batch_size):
             if on_batch is not None:
                 on_batch(batch)
-            loss = F.cross_entropy(model(data.batch(batch, dev)), labels[batch.to(dev)])
+            losses = F.cross_entropy(
+                model(data.batch(batch, dev)), labels[batch.to(dev)], reduction="none"
+            )
+            if on_loss is not None:
+                on_loss(batch, losses)
+            loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
