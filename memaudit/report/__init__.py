@@ -1,5 +1,14 @@
 """Typed audit reports (pydantic): JSON for pipelines; renderers are pure functions of a report."""
 
 from memaudit.report._base import Report, ReportError
+from memaudit.report._scan import ExampleResult, ScanReport, ScanSettings, Status, UnitRef
 
-__all__ = ["Report", "ReportError"]
+__all__ = [
+    "ExampleResult",
+    "Report",
+    "ReportError",
+    "ScanReport",
+    "ScanSettings",
+    "Status",
+    "UnitRef",
+]

@@ -1,0 +1,253 @@
+"""``Auditor``: the one object a pipeline needs — a model, its training data, and the audits."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from memaudit.data import ImageDataset, check_compatible
+from memaudit.errors import MemauditError
+from memaudit.localize import edited_accuracy, reference_gradient, search_chunk, to_result, validate
+from memaudit.masks import UnitMasks
+from memaudit.models import Classifier, load_model
+from memaudit.report._scan import (
+    DataSummary,
+    ExampleResult,
+    LayerCount,
+    ModelSummary,
+    ScanReport,
+    ScanSettings,
+    Status,
+    Timing,
+    summarize,
+)
+from memaudit.testbed import accuracy, pick_device
+
+Progress = Callable[[int, int], None]
+_JOURNAL = "memaudit-scan-journal/1"
+
+
+class Auditor:
+    """Audit ``model`` for memorization of examples of its training data ``train``.
+
+    Example:
+        >>> auditor = Auditor(model, train, test)                       # doctest: +SKIP
+        >>> report = auditor.scan([12, 40, 77], max_units=32)           # doctest: +SKIP
+        >>> report.summary.flip_rate, report.examples[0].units          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Classifier | nn.Module,
+        train: ImageDataset,
+        test: ImageDataset | None = None,
+        *,
+        device: str | torch.device = "auto",
+    ) -> None:
+        self.model = load_model(model)
+        self.train = train
+        self.test = test
+        self.device = pick_device(device)
+        check_compatible(self.model, train)
+        if test is not None:
+            check_compatible(self.model, test)
+
+    def scan(
+        self,
+        ids: Sequence[int],
+        *,
+        settings: ScanSettings | None = None,
+        journal: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        on_progress: Progress | None = None,
+        **overrides: Any,
+    ) -> ScanReport:
+        """Find, for each flagged id, a minimal set of units whose zeroing flips its prediction.
+
+        ``overrides`` are :class:`ScanSettings` fields (``max_units=32``, ``scorer="random"``).
+        With ``journal``, results are appended there as JSON lines as chunks finish, and
+        ``resume=True`` skips the ids a journal already holds (same settings required).
+        """
+        cfg = _settings(settings, overrides)
+        validate(cfg)
+        if not ids:
+            raise MemauditError("no flagged ids to scan; give at least one")
+        start = time.perf_counter()
+        rows = self.train.rows(ids)
+        space = self.model.units()
+        model = self.model.to(self.device).eval()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        ref_rows = _sample(_complement(len(self.train), rows), cfg.reference_size, gen)
+        test_rows = _sample(torch.arange(len(self.test)), cfg.eval_size, gen) if self.test else None
+        key = self._journal_key(cfg)
+        done = _open_journal(journal, key, resume=resume)
+        results: dict[int, ExampleResult] = {r.id: r for r in done}
+        todo = [(i, int(r)) for i, r in zip(ids, rows.tolist(), strict=True) if i not in results]
+        if on_progress:
+            on_progress(len(results), len(ids))
+        with UnitMasks(model.net, space) as masks:
+            ref_grad = reference_gradient(model, masks, self.train, ref_rows, device=self.device)
+            for chunk in _chunks(todo, cfg.batch_size):
+                chunk_rows = torch.tensor([r for _, r in chunk])
+                found = search_chunk(
+                    model,
+                    masks,
+                    self.train,
+                    chunk_rows,
+                    settings=cfg,
+                    reference_grad=ref_grad,
+                    generator=gen,
+                    device=self.device,
+                )
+                sets = [f.minimal for f in found if f.status is Status.FLIPPED]
+                ref_acc = edited_accuracy(
+                    model, masks, sets, self.train, ref_rows, device=self.device
+                )
+                test_acc = (
+                    edited_accuracy(model, masks, sets, self.test, test_rows, device=self.device)
+                    if self.test is not None and test_rows is not None
+                    else None
+                )
+                k = 0
+                new: list[ExampleResult] = []
+                for (id_, _), f in zip(chunk, found, strict=True):
+                    accs: tuple[float | None, float | None] = (None, None)
+                    if f.status is Status.FLIPPED:
+                        accs = (
+                            float(ref_acc[k]),
+                            float(test_acc[k]) if test_acc is not None else None,
+                        )
+                        k += 1
+                    new.append(to_result(f, space, *accs, id_=id_))
+                _append_journal(journal, new)
+                results.update((r.id, r) for r in new)
+                if on_progress:
+                    on_progress(len(results), len(ids))
+        examples = [results[i] for i in ids]
+        seconds = time.perf_counter() - start
+        ref_before = (
+            accuracy(model, self.train, ref_rows, device=self.device) if len(ref_rows) else None
+        )
+        test_before = (
+            accuracy(model, self.test, test_rows, device=self.device)
+            if self.test is not None and test_rows is not None
+            else None
+        )
+        return ScanReport(
+            model=self._model_summary(),
+            data=self._data_summary(),
+            settings=cfg,
+            examples=examples,
+            summary=summarize(
+                examples,
+                [layer.name for layer in space.layers],
+                reference_accuracy_before=ref_before,
+                test_accuracy_before=test_before,
+            ),
+            timing=Timing(
+                seconds=seconds,
+                examples_per_second=len(todo) / seconds if seconds > 0 else 0.0,
+                device=str(self.device),
+            ),
+        )
+
+    def _model_summary(self) -> ModelSummary:
+        space = self.model.units()
+        info = self.model.info
+        return ModelSummary(
+            source=info.source,
+            arch=info.arch,
+            n_parameters=sum(p.numel() for p in self.model.parameters()),
+            n_units=space.total,
+            units_per_layer=[LayerCount(layer=k, count=v) for k, v in space.counts().items()],
+            class_names=info.class_names,
+        )
+
+    def _data_summary(self) -> DataSummary:
+        return DataSummary(
+            source=self.train.ref.source,
+            split=self.train.ref.split,
+            n_examples=len(self.train),
+            n_classes=self.train.num_classes,
+            test_split=self.test.ref.split if self.test is not None else None,
+            n_test=len(self.test) if self.test is not None else None,
+        )
+
+    def _journal_key(self, cfg: ScanSettings) -> dict[str, Any]:
+        return {
+            "settings": cfg.model_dump(mode="json"),
+            "model": self.model.info.source,
+            "data": self.train.ref.model_dump(mode="json"),
+        }
+
+
+def _settings(settings: ScanSettings | None, overrides: dict[str, Any]) -> ScanSettings:
+    base = (settings or ScanSettings()).model_dump()
+    try:
+        return ScanSettings.model_validate({**base, **overrides})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise MemauditError(f"invalid scan setting {where}: {first['msg']}") from None
+
+
+def _complement(n: int, rows: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rows] = False
+    return keep.nonzero().flatten()
+
+
+def _sample(rows: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    if size >= len(rows):
+        return rows
+    return rows[torch.randperm(len(rows), generator=gen)[:size]].sort().values
+
+
+def _chunks(items: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _open_journal(
+    journal: str | os.PathLike[str] | None, key: dict[str, Any], *, resume: bool
+) -> list[ExampleResult]:
+    """Results an earlier run wrote to ``journal`` (when resuming); starts a fresh one otherwise."""
+    if journal is None:
+        return []
+    path = Path(journal)
+    if path.exists() and resume:
+        lines = path.read_text().splitlines()
+        header = json.loads(lines[0]) if lines else {}
+        if header.get("format") != _JOURNAL or header.get("key") != key:
+            raise MemauditError(
+                f"{path} was written by a scan with other settings, model or data; delete it to "
+                "start over or rerun with the same options"
+            )
+        results = []
+        for line in lines[1:]:
+            try:
+                results.append(ExampleResult.model_validate_json(line))
+            except ValidationError:
+                break  # a line cut short by a crash: redo from there
+        # Rewrite without any cut-short tail so later appends stay readable.
+        path.write_text("".join([lines[0] + "\n", *(r.model_dump_json() + "\n" for r in results)]))
+        return results
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": _JOURNAL, "key": key}) + "\n")
+    return []
+
+
+def _append_journal(journal: str | os.PathLike[str] | None, results: list[ExampleResult]) -> None:
+    if journal is None:
+        return
+    with open(journal, "a") as f:
+        f.writelines(r.model_dump_json() + "\n" for r in results)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,324 @@
+"""Localization: a batched greedy search for the few units whose zeroing flips an example.
+
+For each flagged example ``(x_i, y_i)`` the model predicts correctly, the search zeroes units one
+step at a time, choosing by a first-order estimate of the paper's objective
+
+    L_i(m) = -CE(f(x_i; m), y_i) + w * mean_r CE(f(x_r; m), y_r)
+
+(make the example's loss go up while the loss on non-flagged reference rows ``r`` stays down),
+until the prediction is no longer ``y_i``. Every example has its own mask row ``m_i``; one forward
+and one backward per step serve the whole active batch, and examples leave the batch as they flip.
+
+**The reference term in the batched setting.** The authors recompute the reference loss's
+gradient on the edited model at every step, for every example. Here it is computed once per scan,
+on the unedited model (``m = 1``), and shared by all examples and steps: ``dL_i/dm =
+-dCE_i/dm (at m_i) + w * g_ref``. Because an example flips after a handful of the model's thousands
+of units are zeroed, the reference gradient barely moves; ``benchmarks/bench_scan.py`` measures the
+agreement with the exact sequential procedure (units-to-flip, per example) in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memaudit.data import ImageDataset
+from memaudit.errors import MemauditError
+from memaudit.masks import UnitMasks
+from memaudit.models import Classifier
+from memaudit.report._scan import ExampleResult, ScanSettings, Status, UnitRef
+from memaudit.units import UnitSpace
+
+_EVAL_ROWS = 2048  # rows per forward when evaluating many edited models at once
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer sees for one greedy step of the active batch."""
+
+    model: Classifier
+    masks: UnitMasks
+    x: torch.Tensor  # [A, ...] inputs of the active examples
+    y: torch.Tensor  # [A] their labels
+    mask: torch.Tensor  # [A, U] current masks (1 = on, 0 = zeroed)
+    reference_grad: torch.Tensor  # [U] d mean CE(reference) / d m at m = 1
+    settings: ScanSettings
+    generator: torch.Generator
+
+
+Scorer = Callable[[ScoreContext], torch.Tensor]
+SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Register a scorer: ``scorer(ctx) -> [A, U]``, higher = zero this unit first."""
+
+    def add(fn: Scorer) -> Scorer:
+        if name in SCORERS:
+            raise ValueError(f"scorer {name!r} is already registered")
+        SCORERS[name] = fn
+        return fn
+
+    return add
+
+
+def target_objective(ctx: ScoreContext, mask: torch.Tensor) -> torch.Tensor:
+    """``-CE`` of each example under its mask row, averaged over noisy copies if asked: ``[A]``."""
+    copies = ctx.settings.noise_copies
+    x, y, rows = ctx.x, ctx.y, mask
+    if copies:
+        x = x.repeat_interleave(copies, 0)
+        noise = torch.randn(x.shape, generator=ctx.generator).to(x.device)
+        x = x + ctx.settings.noise_std * noise
+        y, rows = y.repeat_interleave(copies), mask.repeat_interleave(copies, 0)
+    ctx.masks.mask = rows
+    loss = F.cross_entropy(ctx.model(x).float(), y, reduction="none")
+    return -loss.view(len(ctx.y), -1).mean(1)
+
+
+@register_scorer("grad-x-act")
+def grad_x_act(ctx: ScoreContext) -> torch.Tensor:
+    """The paper's first-order estimate: ``dL/dm``, i.e. gradient x activation per unit."""
+    mask = ctx.mask.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(target_objective(ctx, mask).sum(), mask)
+    return grad + ctx.settings.reference_weight * ctx.reference_grad
+
+
+@register_scorer("integrated-gradients")
+def integrated_gradients(ctx: ScoreContext) -> torch.Tensor:
+    """Captum's integrated gradients of the objective w.r.t. the mask, from all-off to current."""
+    from captum.attr import IntegratedGradients
+
+    def forward(mask: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sub = ScoreContext(**{**ctx.__dict__, "x": x, "y": y})
+        return target_objective(sub, mask)
+
+    mask = ctx.mask.detach().clone()
+    attr = IntegratedGradients(forward).attribute(
+        mask,
+        baselines=torch.zeros_like(mask),
+        additional_forward_args=(ctx.x, ctx.y),
+        n_steps=ctx.settings.ig_steps,
+    )
+    return attr.detach() + ctx.settings.reference_weight * ctx.reference_grad
+
+
+@register_scorer("random")
+def random_scores(ctx: ScoreContext) -> torch.Tensor:
+    """A baseline: zero random units."""
+    return torch.rand(ctx.mask.shape, generator=ctx.generator).to(ctx.mask.device)
+
+
+@dataclass
+class Found:
+    """In-memory search result for one example (``units`` are flat indices of the space)."""
+
+    row: int
+    label: int
+    predicted_before: int
+    status: Status
+    greedy: list[int] = field(default_factory=list)
+    minimal: list[int] = field(default_factory=list)
+    predicted_after: int | None = None
+    steps: int = 0
+
+
+def reference_gradient(
+    model: Classifier,
+    masks: UnitMasks,
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``d mean CE(reference rows) / d m`` at ``m = 1`` (one mask shared by all rows): ``[U]``."""
+    shared = torch.ones(1, masks.space.total, device=device, requires_grad=True)
+    if rows.numel() == 0:
+        return torch.zeros(masks.space.total, device=device)
+    for chunk in rows.split(batch_size):
+        masks.mask = shared.expand(len(chunk), -1)
+        logits = model(data.batch(chunk, device)).float()
+        loss = F.cross_entropy(logits, data.labels[chunk].to(device), reduction="sum")
+        (loss / len(rows)).backward()
+    masks.mask = None
+    assert shared.grad is not None
+    return shared.grad[0].detach()
+
+
+@torch.no_grad()
+def _predict(
+    masks: UnitMasks, model: Classifier, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    masks.mask = mask
+    return model(x).argmax(1)
+
+
+def greedy_search(
+    model: Classifier,
+    masks: UnitMasks,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    settings: ScanSettings,
+    reference_grad: torch.Tensor,
+    generator: torch.Generator,
+) -> list[Found]:
+    """Zero units per example until each flips or hits the budget. All of ``x`` must be correct."""
+    scorer = SCORERS[settings.scorer]
+    n_rows, total = len(y), masks.space.total
+    zeroed = torch.zeros(n_rows, total, dtype=torch.bool, device=x.device)
+    order = torch.full((n_rows, settings.max_units), -1, dtype=torch.long, device=x.device)
+    found = [Found(-1, int(y[i]), int(y[i]), Status.BUDGET_EXHAUSTED) for i in range(n_rows)]
+    active = torch.arange(n_rows, device=x.device)
+    n_zeroed = step = 0
+    while active.numel():
+        mask = (~zeroed[active]).float()
+        pred = _predict(masks, model, x[active], mask)
+        flipped = pred != y[active]
+        done = flipped | (n_zeroed >= settings.max_units)
+        for i, p, f in zip(
+            active[done].tolist(), pred[done].tolist(), flipped[done].tolist(), strict=True
+        ):
+            found[i].status = Status.FLIPPED if f else Status.BUDGET_EXHAUSTED
+            found[i].predicted_after, found[i].steps = p, step
+            found[i].greedy = order[i, :n_zeroed].tolist()
+        active, mask = active[~done], mask[~done]
+        if not active.numel():
+            break
+        ctx = ScoreContext(
+            model, masks, x[active], y[active], mask, reference_grad, settings, generator
+        )
+        scores = scorer(ctx).masked_fill(zeroed[active], float("-inf"))
+        k = min(settings.units_per_step, settings.max_units - n_zeroed)
+        top = scores.topk(k, dim=1).indices
+        zeroed[active.unsqueeze(1), top] = True
+        order[active, n_zeroed : n_zeroed + k] = top
+        n_zeroed, step = n_zeroed + k, step + 1
+    masks.mask = None
+    return found
+
+
+def prune(
+    model: Classifier, masks: UnitMasks, x: torch.Tensor, y: torch.Tensor, found: list[Found]
+) -> None:
+    """Drop every greedy unit the flip does not need (one removal tried per unit, batched)."""
+    flipped = [i for i, f in enumerate(found) if f.status is Status.FLIPPED]
+    for i in flipped:
+        found[i].minimal = list(found[i].greedy)
+    longest = max((len(found[i].greedy) for i in flipped), default=0)
+    total = masks.space.total
+    for j in range(longest):
+        rows = [i for i in flipped if j < len(found[i].greedy) and len(found[i].minimal) > 1]
+        if not rows:
+            continue
+        mask = torch.ones(len(rows), total, device=x.device)
+        for r, i in enumerate(rows):
+            keep = [u for u in found[i].minimal if u != found[i].greedy[j]]
+            mask[r, keep] = 0
+        pred = _predict(masks, model, x[rows], mask)
+        for r, i in enumerate(rows):
+            if pred[r] != y[i]:
+                found[i].minimal.remove(found[i].greedy[j])
+    for i in flipped:
+        mask = torch.ones(1, total, device=x.device)
+        mask[0, found[i].minimal] = 0
+        found[i].predicted_after = int(_predict(masks, model, x[i : i + 1], mask)[0])
+    masks.mask = None
+
+
+@torch.no_grad()
+def edited_accuracy(
+    model: Classifier,
+    masks: UnitMasks,
+    unit_sets: list[list[int]],
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+) -> torch.Tensor:
+    """Accuracy on ``rows`` of each edited model (one unit set each), batched: ``[E]``."""
+    n_sets = len(unit_sets)
+    if n_sets == 0 or rows.numel() == 0:
+        return torch.full((n_sets,), float("nan"))
+    set_masks = torch.ones(n_sets, masks.space.total, device=device)
+    for e, units in enumerate(unit_sets):
+        set_masks[e, units] = 0
+    correct = torch.zeros(n_sets, device=device)
+    block = max(1, _EVAL_ROWS // n_sets)
+    for chunk in rows.split(block):
+        x, y = data.batch(chunk, device), data.labels[chunk].to(device)
+        masks.mask = set_masks.repeat_interleave(len(chunk), 0)
+        logits = model(x.repeat(n_sets, *([1] * (x.ndim - 1))))
+        correct += (logits.argmax(1) == y.repeat(n_sets)).view(n_sets, -1).sum(1)
+    masks.mask = None
+    return (correct / rows.numel()).cpu()
+
+
+def to_result(
+    found: Found, space: UnitSpace, ref_acc: float | None, test_acc: float | None, id_: int
+) -> ExampleResult:
+    """The report entry of one searched (or skipped) example."""
+    return ExampleResult(
+        id=id_,
+        label=found.label,
+        predicted_before=found.predicted_before,
+        status=found.status,
+        flipped=found.status is Status.FLIPPED,
+        n_units=len(found.greedy),
+        n_units_minimal=len(found.minimal),
+        units=[UnitRef(layer=u.layer, index=u.index) for u in space.units(found.minimal)],
+        predicted_after=found.predicted_after,
+        steps=found.steps,
+        reference_accuracy=ref_acc,
+        test_accuracy=test_acc,
+    )
+
+
+def validate(settings: ScanSettings) -> None:
+    if settings.scorer not in SCORERS:
+        raise MemauditError(f"unknown scorer {settings.scorer!r}; choose from {', '.join(SCORERS)}")
+
+
+def search_chunk(
+    model: Classifier,
+    masks: UnitMasks,
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    settings: ScanSettings,
+    reference_grad: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[Found]:
+    """Search one chunk of flagged rows; misclassified rows are reported, not searched."""
+    x, y = data.batch(rows, device), data.labels[rows].to(device)
+    pred = _predict(masks, model, x, torch.ones(len(rows), masks.space.total, device=device))
+    ok = pred == y
+    found: list[Found] = [
+        Found(int(r), int(y[i]), int(pred[i]), Status.MISCLASSIFIED, predicted_after=int(pred[i]))
+        for i, r in enumerate(rows.tolist())
+    ]
+    if ok.any():
+        idx = ok.nonzero().flatten()
+        searched = greedy_search(
+            model,
+            masks,
+            x[idx],
+            y[idx],
+            settings=settings,
+            reference_grad=reference_grad,
+            generator=generator,
+        )
+        if settings.prune:
+            prune(model, masks, x[idx], y[idx], searched)
+        else:
+            for f in searched:
+                f.minimal = list(f.greedy)
+        for i, f in zip(idx.tolist(), searched, strict=True):
+            f.row, f.predicted_before = int(rows[i]), int(pred[i])
+            found[i] = f
+    return found

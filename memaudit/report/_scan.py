@@ -1,0 +1,188 @@
+"""The scan report: for each flagged example, the units whose zeroing flips it, and the cost."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from memaudit.report._base import Report
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class Status(str, Enum):
+    """Outcome of the search for one flagged example."""
+
+    FLIPPED = "flipped"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    MISCLASSIFIED = "misclassified"  # already wrong before the search: not searched
+
+
+class UnitRef(BaseModel):
+    """One unit: output ``index`` of the layer named ``layer``."""
+
+    model_config = _STRICT
+    layer: str
+    index: int
+
+
+class LayerCount(BaseModel):
+    model_config = _STRICT
+    layer: str
+    count: int
+
+
+class ModelSummary(BaseModel):
+    model_config = _STRICT
+    source: str
+    arch: str
+    n_parameters: int
+    n_units: int
+    units_per_layer: list[LayerCount] = Field(description="units of each layer, network order")
+    class_names: list[str] | None = None
+
+
+class DataSummary(BaseModel):
+    model_config = _STRICT
+    source: str
+    split: str
+    n_examples: int
+    n_classes: int
+    test_split: str | None = None
+    n_test: int | None = None
+
+
+class ScanSettings(BaseModel):
+    """Every option of the search (also the resume key of a journal)."""
+
+    model_config = _STRICT
+    scorer: str = "grad-x-act"
+    max_units: int = Field(64, ge=1, description="unit budget per example")
+    units_per_step: int = Field(1, ge=1)
+    reference_size: int = Field(256, ge=0, description="non-flagged rows in the clean term")
+    reference_weight: float = Field(1.0, ge=0)
+    batch_size: int = Field(64, ge=1, description="flagged examples searched together")
+    noise_copies: int = Field(0, ge=0, description="noisy copies averaged (paper: input noise)")
+    noise_std: float = Field(0.01, ge=0)
+    prune: bool = True
+    eval_size: int = Field(512, ge=0, description="test rows for the after-edit accuracy")
+    ig_steps: int = Field(8, ge=1, description="integration steps of the captum scorer")
+    seed: int = 0
+
+
+class ExampleResult(BaseModel):
+    """The search result for one flagged example (one line of a scan journal)."""
+
+    model_config = _STRICT
+    id: int
+    label: int
+    predicted_before: int
+    status: Status
+    flipped: bool
+    n_units: int = Field(description="units zeroed by the greedy search")
+    n_units_minimal: int = Field(description="units left after pruning the unneeded ones")
+    units: list[UnitRef] = Field(description="the minimal set, in the order found")
+    predicted_after: int | None
+    steps: int
+    reference_accuracy: float | None = Field(description="accuracy on the reference set, edited")
+    test_accuracy: float | None = Field(description="accuracy on the test subset, edited")
+
+
+class Timing(BaseModel):
+    model_config = _STRICT
+    seconds: float
+    examples_per_second: float
+    device: str
+
+
+class ScanSummary(BaseModel):
+    model_config = _STRICT
+    n_flagged: int
+    n_flipped: int
+    n_budget_exhausted: int
+    n_misclassified: int
+    flip_rate: float = Field(description="flipped / searched (misclassified excluded)")
+    median_units: float | None
+    mean_units: float | None
+    median_units_minimal: float | None
+    mean_units_minimal: float | None
+    units_per_layer: list[LayerCount] = Field(description="minimal-set units found per layer")
+    depth_deciles: list[float] = Field(description="share of found units per layer-depth decile")
+    reference_accuracy_before: float | None
+    test_accuracy_before: float | None
+    mean_reference_accuracy_drop: float | None
+    mean_test_accuracy_drop: float | None
+
+
+class ScanReport(Report):
+    """Typed result of ``memaudit scan`` (JSON Schema: ``memaudit schema scan``)."""
+
+    KIND: ClassVar[str] = "scan"
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    kind: Literal["scan"] = "scan"
+    schema_version: int = 1
+    model: ModelSummary
+    data: DataSummary
+    settings: ScanSettings
+    examples: list[ExampleResult]
+    summary: ScanSummary
+    timing: Timing
+
+
+def _median(values: list[int]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(
+    examples: list[ExampleResult],
+    layers: list[str],
+    *,
+    reference_accuracy_before: float | None,
+    test_accuracy_before: float | None,
+) -> ScanSummary:
+    """Counts, units-to-flip statistics and where the found units sit (``layers`` in order)."""
+    flipped = [e for e in examples if e.status is Status.FLIPPED]
+    searched = [e for e in examples if e.status is not Status.MISCLASSIFIED]
+    per_layer = dict.fromkeys(layers, 0)
+    deciles = [0] * 10
+    depth = {name: i for i, name in enumerate(layers)}
+    for example in flipped:
+        for unit in example.units:
+            per_layer[unit.layer] += 1
+            deciles[min(9, depth[unit.layer] * 10 // max(1, len(layers)))] += 1
+    n_found = sum(deciles)
+
+    def drop(before: float | None, after: list[float | None]) -> float | None:
+        values = [before - a for a in after if a is not None and before is not None]
+        return _mean(values)
+
+    return ScanSummary(
+        n_flagged=len(examples),
+        n_flipped=len(flipped),
+        n_budget_exhausted=sum(e.status is Status.BUDGET_EXHAUSTED for e in examples),
+        n_misclassified=len(examples) - len(searched),
+        flip_rate=len(flipped) / len(searched) if searched else 0.0,
+        median_units=_median([e.n_units for e in flipped]),
+        mean_units=_mean([float(e.n_units) for e in flipped]),
+        median_units_minimal=_median([e.n_units_minimal for e in flipped]),
+        mean_units_minimal=_mean([float(e.n_units_minimal) for e in flipped]),
+        units_per_layer=[LayerCount(layer=k, count=v) for k, v in per_layer.items() if v],
+        depth_deciles=[d / n_found if n_found else 0.0 for d in deciles],
+        reference_accuracy_before=reference_accuracy_before,
+        test_accuracy_before=test_accuracy_before,
+        mean_reference_accuracy_drop=drop(
+            reference_accuracy_before, [e.reference_accuracy for e in flipped]
+        ),
+        mean_test_accuracy_drop=drop(test_accuracy_before, [e.test_accuracy for e in flipped]),
+    )
