@@ -1,3 +1,139 @@
-"""``memaudit scan`` commands."""
+"""``memaudit scan``: localize the memorization of flagged examples."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from memaudit.auditor import Auditor
+from memaudit.cli._app import app, err, out
+from memaudit.cli._common import (
+    ArchOpt,
+    DataOpt,
+    DeviceOpt,
+    FlaggedOpt,
+    ImageSizeOpt,
+    MeanOpt,
+    ModelArg,
+    SplitOpt,
+    StdOpt,
+    TestSplitOpt,
+    TrustPickleOpt,
+    load_inputs,
+)
+from memaudit.cli._testbed import progress
+from memaudit.data import read_ids
+from memaudit.localize import SCORERS
+from memaudit.report import ScanReport, ScanSettings
+
+
+def scan_table(report: ScanReport, *, title: str = "scan") -> Table:
+    """The summary a person reads after a scan."""
+    s = report.summary
+
+    def num(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("flagged examples", str(s.n_flagged)),
+        ("misclassified before (not searched)", str(s.n_misclassified)),
+        ("flipped", f"{s.n_flipped} ({s.flip_rate:.0%} of searched)"),
+        ("budget exhausted", str(s.n_budget_exhausted)),
+        ("units to flip: median / mean (greedy)", f"{num(s.median_units)} / {num(s.mean_units)}"),
+        (
+            "units to flip: median / mean (minimal)",
+            f"{num(s.median_units_minimal)} / {num(s.mean_units_minimal)}",
+        ),
+        ("reference accuracy drop per edit", num(s.mean_reference_accuracy_drop, "{:.1%}")),
+        ("test accuracy drop per edit", num(s.mean_test_accuracy_drop, "{:.1%}")),
+        ("seconds", f"{report.timing.seconds:.1f} on {report.timing.device}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    top = sorted(s.units_per_layer, key=lambda c: -c.count)[:5]
+    table.caption = "most used layers: " + ", ".join(f"{c.layer} ({c.count})" for c in top)
+    return table
+
+
+def run_scan(
+    auditor: Auditor, ids: list[int], settings: ScanSettings, *, journal: Path | None, resume: bool
+) -> ScanReport:
+    """Scan with a progress bar on stderr."""
+    with progress() as bar:
+        task = bar.add_task("scanning", total=len(ids), status="")
+        return auditor.scan(
+            ids,
+            settings=settings,
+            journal=journal,
+            resume=resume,
+            on_progress=lambda done, total: bar.update(task, completed=done),
+        )
+
+
+@app.command()
+def scan(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    data: DataOpt = None,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
+        "scan.json"
+    ),
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Flagged examples searched together.")] = 64,
+    max_units: Annotated[int, typer.Option(help="Unit budget per example.")] = 64,
+    units_per_step: Annotated[int, typer.Option(help="Units zeroed per greedy step.")] = 1,
+    reference_size: Annotated[int, typer.Option(help="Non-flagged rows in the clean term.")] = 256,
+    eval_size: Annotated[int, typer.Option(help="Test rows for the after-edit accuracy.")] = 512,
+    scorer: Annotated[str, typer.Option(help=f"Unit scorer: {', '.join(SCORERS)}.")] = "grad-x-act",
+    noise_copies: Annotated[int, typer.Option(help="Noisy input copies to average (paper).")] = 0,
+    prune: Annotated[bool, typer.Option(help="Prune the greedy set to a minimal one.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of reference sampling, noise and scorers.")] = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted scan from its journal.")
+    ] = False,
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Find, for each flagged example, the few units whose zeroing flips its prediction."""
+    ids = read_ids(flagged)
+    inputs = load_inputs(
+        model,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    settings = ScanSettings(
+        scorer=scorer,
+        max_units=max_units,
+        units_per_step=units_per_step,
+        reference_size=reference_size,
+        batch_size=batch_size,
+        noise_copies=noise_copies,
+        prune=prune,
+        eval_size=eval_size,
+        seed=seed,
+    )
+    inputs.train.rows(ids)  # out-of-range ids fail here, before any work
+    auditor = Auditor(inputs.model, inputs.train, inputs.test, device=device)
+    journal = out_path.with_suffix(".journal.jsonl")
+    report = run_scan(auditor, ids, settings, journal=journal, resume=resume)
+    report.to_json(out_path)
+    journal.unlink(missing_ok=True)
+    out.print(scan_table(report, title=f"scan of {len(ids)} flagged examples"))
+    err.print(f"report written to {out_path}")
