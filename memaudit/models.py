@@ -172,6 +172,7 @@ def _hf_build(
         except OSError as err:
             raise _hub_error(f"hf:{name}", err) from None
     cfg = dict(config)
+    cfg.setdefault("num_channels", in_chans)
     model_type = cfg.pop("model_type", name)
     hf_config = AutoConfig.for_model(model_type, **cfg)
     hf_config.num_labels = num_classes
@@ -342,6 +343,8 @@ def load_model(
             f"{path} is not a model file memaudit reads; use .pt, .pth, .bin or .safetensors"
         )
     payload, meta = _read_file(path, trust_pickle=trust_pickle)
+    if isinstance(payload, Classifier):
+        return payload.eval()
     if isinstance(payload, nn.Module):
         return _wrap_module(payload, str(path)).eval()
     if meta is not None:
@@ -382,13 +385,16 @@ def _read_file(
         return tensors, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        # The weights-only unpickler names the class it refused; other failures are corruption.
+        if trust_pickle or "Unsupported global" not in str(err):
+            raise _unreadable(path, err) from None
         raise MemauditError(
             f"{path} holds pickled Python objects, and unpickling runs arbitrary code; if you "
             "trust the file, pass --trust-pickle (trust_pickle=True)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise MemauditError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+    except Exception as err:  # torch.load fails in many ways on a damaged file
+        raise _unreadable(path, err) from None
     if isinstance(obj, nn.Module):
         return obj, None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
@@ -403,6 +409,13 @@ def _read_file(
     raise MemauditError(
         f"{path} holds neither a state dict nor a model; save one with torch.save(model."
         "state_dict(), path)"
+    )
+
+
+def _unreadable(path: Path, err: BaseException) -> MemauditError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return MemauditError(
+        f"{path} is not a readable PyTorch checkpoint ({detail}); check the file is complete"
     )
 
 
@@ -473,6 +486,7 @@ def _from_state_dict(
     in_chans: int | None,
 ) -> Classifier:
     probe = build_model(arch, num_classes=num_classes or 10, in_chans=in_chans or 3)
+    state = _strip_prefix(state, probe.net)
     found_classes, found_chans = _shapes_from_state(probe, state)
     for name, given, found in (
         ("num_classes", num_classes, found_classes),
@@ -498,7 +512,12 @@ def _shapes_from_state(
 ) -> tuple[int | None, int | None]:
     """(num_classes, in_chans) read off the head and first-convolution weights of ``state``."""
     head = probe.info.head
-    head_weight = state.get(f"{head}.weight") if head else None
+    head_layers = [
+        name
+        for name in UnitSpace(probe.net).counts()
+        if name == head or name.startswith(f"{head}.")
+    ]  # an HF head may be a Sequential holding the Linear
+    head_weight = state.get(f"{head_layers[-1]}.weight") if head_layers else None
     first_conv = next((k for k, v in probe.net.state_dict().items() if v.ndim == 4), None)
     conv_weight = state.get(first_conv) if first_conv else None
     classes = int(head_weight.shape[0]) if head_weight is not None else None
@@ -506,8 +525,24 @@ def _shapes_from_state(
     return classes, chans
 
 
+def _strip_prefix(state: Mapping[str, torch.Tensor], net: nn.Module) -> Mapping[str, torch.Tensor]:
+    """Drop the ``net.`` (a saved :class:`Classifier`) or ``module.`` (DataParallel) prefix."""
+    own = net.state_dict().keys()
+    for prefix in ("net.", "module."):
+        if state and all(k.startswith(prefix) for k in state) and not any(k in own for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
 def _load_state(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
-    result = net.load_state_dict(dict(state), strict=False)
+    try:
+        result = net.load_state_dict(dict(state), strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise MemauditError(
+            f"{path} does not match architecture {arch}: "
+            f"{shapes[0] if shapes else 'tensor shapes differ'}; check --arch and its options"
+        ) from None
     problems = [*result.missing_keys, *result.unexpected_keys]
     if problems:
         raise MemauditError(
