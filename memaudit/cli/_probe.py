@@ -1,3 +1,427 @@
-"""``memaudit probe`` commands."""
+"""``memaudit probe gradients|rewind|retrain``: which layers do the flagged examples use?"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from memaudit.cli._app import app, err, out
+from memaudit.cli._common import (
+    ArchOpt,
+    DataOpt,
+    DeviceOpt,
+    FlaggedOpt,
+    ImageSizeOpt,
+    Inputs,
+    MeanOpt,
+    ModelArg,
+    SplitOpt,
+    StdOpt,
+    TestSplitOpt,
+    TrustPickleOpt,
+    load_inputs,
+)
+from memaudit.cli._testbed import progress
+from memaudit.data import read_ids
+from memaudit.errors import MemauditError
+from memaudit.probes import (
+    ProbeStep,
+    find_checkpoints,
+    gradient_accounting,
+    gradient_history,
+    retrain_layers,
+    rewind_layers,
+)
+from memaudit.report import GradientsReport, Grouping, Report, RetrainReport, RewindReport
+
+probe_app = typer.Typer(
+    help="Layer probes of the paper: gradient accounting, layer rewinding, layer retraining.",
+    no_args_is_help=True,
+)
+app.add_typer(probe_app, name="probe")
+
+CheckpointsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoints",
+        help="Folder of per-epoch checkpoints epoch_NNN.safetensors. Default: the "
+        "'checkpoints' folder beside MODEL, when there is one (as memaudit testbed writes).",
+    ),
+]
+GroupingOpt = Annotated[
+    Grouping,
+    typer.Option(
+        "--grouping", help="Layers: each conv/linear with its norm (module) or each block."
+    ),
+]
+LayersOpt = Annotated[
+    str | None,
+    typer.Option("--layers", help="Only these layer groups, comma-separated (default: all)."),
+]
+EpochsOpt = Annotated[
+    str | None,
+    typer.Option("--epochs", help="Only these checkpoint epochs, e.g. 0,5,10 (default: all)."),
+]
+CleanSampleOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--clean-sample", min=1, help="Measure clean accuracy on this many random other rows."
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling and retraining.")]
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MemauditError(f"{option} takes integers separated by commas, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
+
+
+def _checkpoint_folder(model: str, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    beside = Path(model).parent / "checkpoints"
+    if Path(model).is_file() and beside.is_dir():
+        return beside
+    raise MemauditError(
+        f"no checkpoint folder beside {model}; pass --checkpoints DIR (files epoch_NNN."
+        "safetensors, as memaudit testbed writes them)"
+    )
+
+
+def _load(
+    model: str,
+    flagged: Path,
+    *,
+    data: str | None,
+    arch: str | None,
+    split: str,
+    test_split: str,
+    image_size: int | None,
+    mean: str | None,
+    std: str | None,
+    trust_pickle: bool,
+) -> tuple[Inputs, torch.Tensor]:
+    ids = read_ids(flagged)
+    inputs = load_inputs(
+        model,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    return inputs, inputs.train.rows(ids)
+
+
+def _clean_sample(n_rows: int, flagged: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    keep = torch.ones(n_rows, dtype=torch.bool)
+    keep[flagged] = False
+    clean = keep.nonzero().flatten()
+    if size is None or size >= clean.numel():
+        return clean
+    gen = torch.Generator().manual_seed(seed)
+    return clean[torch.randperm(clean.numel(), generator=gen)[:size]].sort().values
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[Callable[[ProbeStep], None]]:
+    with progress() as bar:
+        task = bar.add_task(label, total=None, status="")
+
+        def update(step: ProbeStep) -> None:
+            bar.update(task, completed=step.done, total=step.total, status=step.label)
+
+        yield update
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _write(report: Report, path: Path) -> None:
+    report.to_json(path)
+    err.print(f"report written to {path}")
+
+
+def gradients_table(report: GradientsReport) -> Table:
+    """Per layer: norms and cosine of the last epoch, and the cosine over all epochs."""
+    last = report.epochs[-1]
+    table = Table(title=f"gradient accounting ({report.mode}, epoch {last})")
+    for name in ("layer", "params", "flagged norm", "clean norm", "cosine"):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    many = len(report.epochs) > 1
+    if many:
+        table.add_column("mean cosine (all epochs)", justify="right")
+    for row in report.layers:
+        cells = [row.name, f"{row.params:,}", _num(row.flagged_norm[-1]), _num(row.clean_norm[-1])]
+        cells.append(_num(row.cosine[-1]))
+        if many:
+            known = [c for c in row.cosine if c is not None]
+            cells.append(_num(sum(known) / len(known) if known else None))
+        table.add_row(*cells)
+    table.caption = (
+        f"{report.n_flagged} flagged, {report.n_clean} other examples; norms of summed "
+        "gradients / sqrt(#params)"
+    )
+    return table
+
+
+def rewind_table(report: RewindReport, *, max_columns: int = 6) -> Table:
+    """Per layer: flagged / clean accuracy when rewound to (up to ``max_columns``) epochs."""
+    step = max(1, -(-len(report.epochs) // max_columns))
+    shown = list(range(0, len(report.epochs), step))
+    table = Table(title="layer rewinding: flagged / clean accuracy")
+    table.add_column("layer")
+    table.add_column("params", justify="right")
+    for j in shown:
+        table.add_column(f"epoch {report.epochs[j]}", justify="right")
+    for row in report.layers:
+        cells = [f"{_pct(row.flagged[j])} / {_pct(row.clean[j])}" for j in shown]
+        table.add_row(row.name, f"{row.params:,}", *cells)
+    b = report.baseline
+    table.caption = (
+        f"final model: {_pct(b.flagged)} / {_pct(b.clean)} (test {_pct(b.test)}); "
+        f"{report.n_flagged} flagged, {report.n_clean} clean rows"
+    )
+    return table
+
+
+def retrain_table(report: RetrainReport) -> Table:
+    """Per layer: accuracies after rewinding and after retraining it alone on clean rows."""
+    table = Table(
+        title=f"layer retraining: rewound to epoch {report.rewind_epoch}, "
+        f"{report.train_epochs} epochs on clean rows"
+    )
+    columns = ("layer", "params", "flagged rewound", "flagged retrained", "recovered")
+    for name in (*columns, "clean retrained"):
+        table.add_column(name, justify="left" if name == "layer" else "right")
+    for row in report.layers:
+        table.add_row(
+            row.name,
+            f"{row.params:,}",
+            _pct(row.rewound.flagged),
+            _pct(row.retrained.flagged),
+            _pct(row.flagged_recovered),
+            _pct(row.retrained.clean),
+        )
+    b = report.baseline
+    table.caption = f"final model: flagged {_pct(b.flagged)}, clean {_pct(b.clean)}"
+    return table
+
+
+@probe_app.command()
+def gradients(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    data: DataOpt = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option(
+            "--checkpoints",
+            help="Folder of per-epoch checkpoints: one column per epoch. Without it, MODEL only.",
+        ),
+    ] = None,
+    epochs: EpochsOpt = None,
+    grouping: GroupingOpt = Grouping.MODULE,
+    layers: LayersOpt = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
+        "gradients.json"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 256,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Per layer: norms of the summed flagged and clean gradients and their cosine."""
+    inputs, rows = _load(
+        model,
+        flagged,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    names = _names(layers)
+    if checkpoints is None and epochs is None:
+        report = gradient_accounting(
+            inputs.model,
+            inputs.train,
+            rows,
+            grouping=grouping,
+            layers=names,
+            batch_size=batch_size,
+            device=device,
+        )
+    else:
+        folder = _checkpoint_folder(model, checkpoints)
+        points = find_checkpoints(folder, epochs=_int_list(epochs, "--epochs"))
+        with _bar("gradients") as update:
+            report = gradient_history(
+                inputs.model,
+                inputs.train,
+                rows,
+                points,
+                grouping=grouping,
+                layers=names,
+                batch_size=batch_size,
+                device=device,
+                on_progress=update,
+            )
+    _write(report, out_path)
+    out.print(gradients_table(report))
+
+
+@probe_app.command()
+def rewind(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    data: DataOpt = None,
+    checkpoints: CheckpointsOpt = None,
+    epochs: EpochsOpt = None,
+    grouping: GroupingOpt = Grouping.MODULE,
+    layers: LayersOpt = None,
+    clean_sample: CleanSampleOpt = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
+        "rewind.json"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 512,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Rewind one layer at a time to earlier epochs; flagged and clean accuracy."""
+    folder = _checkpoint_folder(model, checkpoints)
+    points = find_checkpoints(folder, epochs=_int_list(epochs, "--epochs"))
+    inputs, rows = _load(
+        model,
+        flagged,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
+    with _bar("rewinding") as update:
+        report = rewind_layers(
+            inputs.model,
+            inputs.train,
+            rows,
+            points,
+            clean_rows=clean,
+            test=inputs.test,
+            grouping=grouping,
+            layers=_names(layers),
+            batch_size=batch_size,
+            device=device,
+            on_progress=update,
+        )
+    _write(report, out_path)
+    out.print(rewind_table(report))
+
+
+@probe_app.command()
+def retrain(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    data: DataOpt = None,
+    checkpoints: CheckpointsOpt = None,
+    rewind_epoch: Annotated[
+        int, typer.Option("--rewind-to", help="Epoch whose weights a layer is rewound to.")
+    ] = 0,
+    train_epochs: Annotated[
+        int, typer.Option("--train-epochs", min=1, help="Epochs of retraining per layer.")
+    ] = 5,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (one-cycle).")] = 0.05,
+    grouping: GroupingOpt = Grouping.MODULE,
+    layers: LayersOpt = None,
+    clean_sample: CleanSampleOpt = None,
+    out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
+        "retrain.json"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 128,
+    seed: SeedOpt = 0,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    device: DeviceOpt = "auto",
+    trust_pickle: TrustPickleOpt = False,
+) -> None:
+    """Rewind one layer, retrain it alone on the clean rows: how much flagged accuracy returns."""
+    folder = _checkpoint_folder(model, checkpoints)
+    points = find_checkpoints(folder, epochs=[rewind_epoch])
+    inputs, rows = _load(
+        model,
+        flagged,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
+    with _bar("retraining") as update:
+        report = retrain_layers(
+            inputs.model,
+            inputs.train,
+            rows,
+            points,
+            rewind_epoch=rewind_epoch,
+            epochs=train_epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            eval_clean_rows=clean,
+            test=inputs.test,
+            grouping=grouping,
+            layers=_names(layers),
+            device=device,
+            on_progress=update,
+        )
+    _write(report, out_path)
+    out.print(retrain_table(report))
