@@ -1,0 +1,80 @@
+"""The report of an unlearning run (``memaudit unlearn``, ``Auditor.unlearn``)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from memaudit.report._base import Report
+
+
+class UnlearnScores(BaseModel):
+    """What a model does on the flagged, retained and test examples (fractions in [0, 1])."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    flagged_accuracy: float = Field(
+        ge=0, le=1, description="accuracy on flagged ids (given labels)"
+    )
+    retained_accuracy: float = Field(ge=0, le=1, description="accuracy on the other training rows")
+    test_accuracy: float | None = Field(None, ge=0, le=1, description="accuracy on the test split")
+    mia_auc: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="loss-based membership inference: AUC of flagged ids (members) against test "
+        "examples (non-members); 0.5 = indistinguishable, below 0.5 = flagged fit worse than test",
+    )
+
+
+class UnlearnReport(Report):
+    """Before/after scores of removing flagged examples from a model, on the same data.
+
+    Example:
+        >>> s = UnlearnScores(flagged_accuracy=1.0, retained_accuracy=1.0)
+        >>> r = UnlearnReport(method="finetune", before=s, after=s, seconds=1.0, model="m",
+        ...                   data="d", n_flagged=3, n_retained=10)
+        >>> UnlearnReport.model_validate_json(r.model_dump_json()) == r
+        True
+    """
+
+    KIND: ClassVar[str] = "unlearn"
+    kind: Literal["unlearn"] = "unlearn"
+    schema_version: int = 1
+
+    method: str
+    settings: dict[str, float | int | str | bool | None] = Field(
+        default_factory=dict, description="the method's settings (epochs, lr, ...)"
+    )
+    before: UnlearnScores
+    after: UnlearnScores
+    retrain: UnlearnScores | None = Field(
+        None, description="a model retrained from scratch without the flagged ids (gold standard)"
+    )
+    seconds: float = Field(ge=0, description="wall time of the unlearning step (no measurement)")
+    retrain_seconds: float | None = None
+    model: str = Field(description="the model that was unlearned (its source and architecture)")
+    data: str = Field(description="the training data the flagged ids index")
+    test_data: str | None = None
+    n_flagged: int = Field(ge=0)
+    n_retained: int = Field(ge=0)
+    n_test: int = Field(0, ge=0)
+    out_model: str | None = Field(None, description="where the unlearned model was saved")
+
+    def gap_to_retrain(self) -> float | None:
+        """Mean absolute difference of the accuracies after unlearning and after retraining."""
+        if self.retrain is None:
+            return None
+        return accuracy_gap(self.after, self.retrain)
+
+
+def accuracy_gap(a: UnlearnScores, b: UnlearnScores) -> float:
+    """Mean absolute difference of flagged, retained and (when both have it) test accuracy."""
+    pairs = [
+        (a.flagged_accuracy, b.flagged_accuracy),
+        (a.retained_accuracy, b.retained_accuracy),
+    ]
+    if a.test_accuracy is not None and b.test_accuracy is not None:
+        pairs.append((a.test_accuracy, b.test_accuracy))
+    return sum(abs(x - y) for x, y in pairs) / len(pairs)
