@@ -1,3 +1,151 @@
-"""``memaudit unlearn`` commands."""
+"""``memaudit unlearn``: remove flagged examples from a model and measure before / after."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import TaskID
+from rich.table import Table
+
+from memaudit.cli._app import app, err, out
+from memaudit.cli._common import (
+    ArchOpt,
+    DataOpt,
+    DeviceOpt,
+    FlaggedOpt,
+    ImageSizeOpt,
+    MeanOpt,
+    ModelArg,
+    SplitOpt,
+    StdOpt,
+    TestSplitOpt,
+    TrustPickleOpt,
+    load_inputs,
+)
+from memaudit.cli._testbed import progress
+from memaudit.data import read_ids
+from memaudit.models import save_model
+from memaudit.report import UnlearnReport, UnlearnScores
+from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep, unlearn
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def unlearn_table(report: UnlearnReport) -> Table:
+    """Before / after (/ retrain) scores side by side."""
+    table = Table(title=f"unlearn: {report.method} on {report.n_flagged} flagged ids")
+    table.add_column("")
+    for name in ("flagged acc", "retained acc", "test acc", "MIA AUC"):
+        table.add_column(name, justify="right")
+    blocks: list[tuple[str, UnlearnScores | None]] = [
+        ("before", report.before),
+        ("after", report.after),
+        ("retrain", report.retrain),
+    ]
+    for name, scores in blocks:
+        if scores is None:
+            continue
+        table.add_row(
+            name,
+            _pct(scores.flagged_accuracy),
+            _pct(scores.retained_accuracy),
+            _pct(scores.test_accuracy),
+            "-" if scores.mia_auc is None else f"{scores.mia_auc:.3f}",
+        )
+    caption = f"{report.seconds:.1f} s"
+    if report.retrain_seconds is not None:
+        caption += f" (retraining: {report.retrain_seconds:.1f} s)"
+    gap = report.gap_to_retrain()
+    if gap is not None:
+        caption += f"; gap to retraining {gap:.1%}"
+    table.caption = caption
+    return table
+
+
+def with_progress(run: Callable[[Callable[[UnlearnStep], None]], UnlearnResult]) -> UnlearnResult:
+    """Call ``run(on_progress)`` with one progress bar per stage (on stderr)."""
+    with progress() as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_progress(event: UnlearnStep) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bar.add_task(event.stage, total=event.total, status="")
+            status = "" if event.loss is None else f"loss {event.loss:.3f}"
+            bar.update(tasks[event.stage], completed=event.step, status=status)
+
+        return run(on_progress)
+
+
+@app.command("unlearn")
+def unlearn_command(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    out_model: Annotated[
+        Path, typer.Option("--out-model", help="Where to save the unlearned model (.safetensors).")
+    ],
+    data: DataOpt = None,
+    method: Annotated[
+        str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")
+    ] = "example-tied-dropout",
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Training epochs (default: the method's).")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate (default: the method's).")
+    ] = None,
+    compare_retrain: Annotated[
+        bool,
+        typer.Option("--compare-retrain", help="Also retrain from scratch without the ids (slow)."),
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffling and masks.")] = 0,
+    report_path: Annotated[
+        Path | None, typer.Option("--out", help="Write the JSON report here.")
+    ] = None,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Remove what MODEL memorized about the flagged ids; save a plain model and a report."""
+    inputs = load_inputs(
+        model,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    rows = inputs.train.rows(read_ids(flagged))
+    result = with_progress(
+        lambda on_progress: unlearn(
+            inputs.model,
+            inputs.train,
+            rows,
+            test=inputs.test,
+            method=method,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            compare_retrain=compare_retrain,
+            device=device,
+            on_progress=on_progress,
+        )
+    )
+    saved = save_model(result.model, out_model)
+    report = result.report.model_copy(update={"out_model": str(saved)})
+    out.print(unlearn_table(report))
+    err.print(f"unlearned model written to {saved}")
+    if report_path is not None:
+        err.print(f"report written to {report.to_json(report_path)}")

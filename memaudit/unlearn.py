@@ -1,0 +1,418 @@
+"""Remove what a trained model memorized about flagged examples: :func:`unlearn`.
+
+Every method takes the same :class:`UnlearnJob` (a copy of the model it may change, the data,
+flagged and retained rows, a training budget) and returns the unlearned model; :func:`unlearn`
+measures the model before and after on the same data and returns an :class:`UnlearnResult`.
+Methods live in a registry (:data:`METHODS`, :func:`register_method`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memaudit.data import ImageDataset
+from memaudit.errors import MemauditError
+from memaudit.models import FAMILIES, Classifier, build_model
+from memaudit.report import UnlearnReport, UnlearnScores
+from memaudit.testbed import EpochEnd, pick_device, train
+from memaudit.units import zero_unit_weights
+
+Option = float | int | str | bool
+
+
+@dataclass(frozen=True)
+class UnlearnStep:
+    """Given to ``on_progress``: ``stage`` (measure, unlearn, retrain), ``step`` of ``total``."""
+
+    stage: str
+    step: int
+    total: int
+    loss: float | None = None
+
+
+@dataclass(frozen=True)
+class UnlearnJob:
+    """What an unlearning method receives. ``model`` is a copy that the method may change."""
+
+    model: Classifier
+    train: ImageDataset
+    flagged: torch.Tensor
+    retained: torch.Tensor
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    device: torch.device
+    options: Mapping[str, Option] = field(default_factory=dict)
+    on_epoch: Callable[[EpochEnd], None] | None = None
+
+
+@dataclass(frozen=True)
+class UnlearnMethod:
+    """An unlearning method: ``run(job) -> unlearned model`` and its default budget."""
+
+    run: Callable[[UnlearnJob], Classifier]
+    epochs: int
+    lr: float
+    description: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UnlearnResult:
+    """The unlearned model (a plain :class:`Classifier`) and the report of the run."""
+
+    model: Classifier
+    report: UnlearnReport
+    retrained: Classifier | None = None
+
+
+METHODS: dict[str, UnlearnMethod] = {}
+
+
+def register_method(name: str, method: UnlearnMethod) -> None:
+    """Register an unlearning method; refuses to silently replace an existing one."""
+    if name in METHODS:
+        raise ValueError(f"unlearning method {name!r} is already registered")
+    METHODS[name] = method
+
+
+# --- measurement -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per-example cross-entropy loss and correctness (given labels)."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+
+
+@torch.no_grad()
+def outcomes(
+    model: Classifier,
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> Outcomes:
+    """Loss and correctness of ``model`` on ``rows`` of ``data``, batched."""
+    model.to(device).eval()
+    losses, correct = [], []
+    for batch in rows.split(batch_size):
+        logits = model(data.batch(batch, device))
+        labels = data.labels[batch].to(device)
+        losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
+        correct.append((logits.argmax(1) == labels).cpu())
+    if not losses:
+        return Outcomes(torch.empty(0), torch.empty(0, dtype=torch.bool))
+    return Outcomes(torch.cat(losses), torch.cat(correct))
+
+
+def mia_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
+    """AUC of a loss-threshold membership attack: P(a member's loss < a non-member's), ties 1/2.
+
+    Example:
+        >>> mia_auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 2.0]))
+        1.0
+    """
+    n_m, n_n = member_loss.numel(), nonmember_loss.numel()
+    if not n_m or not n_n:
+        return float("nan")
+    scores = torch.cat([-member_loss, -nonmember_loss]).double()
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts.double() - 1) / 2)[inverse]  # average 1-based ranks of ties
+    return float((ranks[:n_m].sum() - n_m * (n_m + 1) / 2) / (n_m * n_n))
+
+
+def measure(
+    model: Classifier,
+    train_set: ImageDataset,
+    flagged: torch.Tensor,
+    retained: torch.Tensor,
+    *,
+    test: ImageDataset | None = None,
+    device: torch.device,
+) -> UnlearnScores:
+    """Flagged / retained / test accuracy and the membership AUC of flagged vs test."""
+    flag = outcomes(model, train_set, flagged, device=device)
+    kept = outcomes(model, train_set, retained, device=device)
+    test_acc, auc = None, None
+    if test is not None and len(test):
+        held = outcomes(model, test, torch.arange(len(test)), device=device)
+        test_acc = float(held.correct.float().mean())
+        auc = mia_auc(flag.loss, held.loss)
+    return UnlearnScores(
+        flagged_accuracy=float(flag.correct.float().mean()),
+        retained_accuracy=float(kept.correct.float().mean()) if kept.loss.numel() else 0.0,
+        test_accuracy=test_acc,
+        mia_auc=auc,
+    )
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+
+def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> Classifier:
+    return train(
+        model,
+        job.train,
+        rows=rows,
+        epochs=job.epochs,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        seed=job.seed,
+        device=job.device,
+        on_epoch=job.on_epoch,
+        **kw,
+    )
+
+
+def _example_tied_dropout(job: UnlearnJob) -> Classifier:
+    """Fine-tune with example-tied dropout on all rows, then drop the memorization units."""
+    from memaudit.dropout import bind_ids, insert_dropout, remove_dropout
+
+    model = job.model
+    insert_dropout(
+        model,
+        p_gen=float(job.options["p_gen"]),
+        p_mem=float(job.options["p_mem"]),
+        seed=job.seed,
+    )
+    rows = torch.arange(len(job.train))
+    if job.options.get("rows") == "retained":
+        rows = job.retained
+    with bind_ids(model) as binding:
+        _fit(job, model, rows, on_batch=binding.set)
+    remove_dropout(model, fold="drop")
+    return model.eval()
+
+
+def _finetune(job: UnlearnJob) -> Classifier:
+    """Fine-tune on the retained rows only."""
+    return _fit(job, job.model, job.retained)
+
+
+def _gradient_ascent(job: UnlearnJob) -> Classifier:
+    """Raise the loss on the flagged rows by plain SGD (batch-norm statistics frozen)."""
+    model = job.model.to(job.device).eval()  # eval: BN statistics stay those of all the data
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=job.lr)
+    gen = torch.Generator().manual_seed(job.seed)
+    labels = job.train.labels.to(job.device)
+    for epoch in range(1, job.epochs + 1):
+        order = job.flagged[torch.randperm(len(job.flagged), generator=gen)]
+        total = 0.0
+        for batch in order.split(job.batch_size):
+            loss = F.cross_entropy(model(job.train.batch(batch, job.device)), labels[batch])
+            opt.zero_grad(set_to_none=True)
+            (-loss).backward()
+            opt.step()
+            total += float(loss.detach()) * len(batch)
+        if job.on_epoch is not None:
+            job.on_epoch(EpochEnd(epoch, job.epochs, total / len(job.flagged), model))
+    return model.eval()
+
+
+def _zero_units(job: UnlearnJob) -> Classifier:
+    """Zero the units whose removal flips each flagged example (``memaudit.localize``)."""
+    flip_units = getattr(importlib.import_module("memaudit.localize"), "flip_units", None)
+    if flip_units is None:
+        raise MemauditError("zero-units needs memaudit.localize.flip_units; upgrade memaudit")
+    per_row = flip_units(job.model, job.train, job.flagged, device=job.device)
+    flat = sorted({int(u) for units in per_row for u in units})
+    if flat:
+        zero_unit_weights(job.model.net, job.model.units(), flat)
+    return job.model.eval()
+
+
+def fresh_copy(model: Classifier) -> Classifier:
+    """The same architecture and info with newly initialized weights."""
+    family = model.info.arch.partition(":")[0]
+    if family in FAMILIES and family != "hf":
+        fresh = build_model(
+            model.info.arch,
+            num_classes=model.info.num_classes,
+            in_chans=model.info.in_chans or 3,
+            config=model.info.arch_config,
+        )
+        fresh.info = model.info.model_copy()
+        return fresh
+    fresh = copy.deepcopy(model)
+    for module in fresh.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return fresh
+
+
+def _retrain(job: UnlearnJob) -> Classifier:
+    """Train the architecture from scratch on the retained rows (the gold standard; slow)."""
+    return _fit(job, fresh_copy(job.model), job.retained)
+
+
+register_method(
+    "example-tied-dropout",
+    UnlearnMethod(
+        _example_tied_dropout,
+        epochs=6,
+        lr=0.05,
+        description="fine-tune with example-tied dropout on all rows, drop memorization units",
+        options={"p_gen": 0.2, "p_mem": 0.1, "rows": "all"},
+    ),
+)
+register_method(
+    "finetune", UnlearnMethod(_finetune, epochs=6, lr=0.05, description="fine-tune on retained")
+)
+register_method(
+    "gradient-ascent",
+    UnlearnMethod(_gradient_ascent, epochs=1, lr=0.01, description="ascend the flagged loss"),
+)
+register_method(
+    "zero-units",
+    UnlearnMethod(_zero_units, epochs=0, lr=0.0, description="zero the units scan localizes"),
+)
+register_method(
+    "retrain",
+    UnlearnMethod(_retrain, epochs=30, lr=0.05, description="retrain from scratch on retained"),
+)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def _rows(train_set: ImageDataset, flagged_rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    rows = torch.as_tensor(flagged_rows, dtype=torch.long).reshape(-1).unique()
+    if rows.numel() == 0:
+        raise MemauditError("no flagged ids to unlearn; give at least one example id")
+    bad = rows[(rows < 0) | (rows >= len(train_set))]
+    if bad.numel():
+        raise MemauditError(
+            f"flagged row {int(bad[0])} is out of range: the training data has {len(train_set)} "
+            f"examples (rows 0-{len(train_set) - 1})"
+        )
+    if rows.numel() == len(train_set):
+        raise MemauditError("every training example is flagged; nothing would be retained")
+    return rows
+
+
+def _method(name: str) -> UnlearnMethod:
+    if name not in METHODS:
+        raise MemauditError(f"unknown unlearning method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def _options(method: UnlearnMethod, options: Mapping[str, Option] | None) -> dict[str, Option]:
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(method.options))
+    if unknown:
+        raise MemauditError(
+            f"unknown option(s) {unknown} for this method; it takes {sorted(method.options)}"
+        )
+    return {**method.options, **given}
+
+
+def unlearn(
+    model: Classifier,
+    train_set: ImageDataset,
+    flagged_rows: Sequence[int] | torch.Tensor,
+    *,
+    test: ImageDataset | None = None,
+    method: str = "example-tied-dropout",
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 128,
+    options: Mapping[str, Option] | None = None,
+    seed: int = 0,
+    compare_retrain: bool = False,
+    retrain_epochs: int | None = None,
+    device: str | torch.device = "auto",
+    on_progress: Callable[[UnlearnStep], None] | None = None,
+) -> UnlearnResult:
+    """Remove what ``model`` memorized about ``flagged_rows`` of ``train_set``; measure it.
+
+    ``model`` is left unchanged; the result holds a new plain model. ``epochs`` / ``lr`` default
+    to the method's own (see :data:`METHODS`); ``options`` are method-specific (ETD: ``p_gen``,
+    ``p_mem``, ``rows``). With ``compare_retrain`` a model is also retrained from scratch without
+    the flagged rows and measured (the report's ``retrain`` block).
+
+    Example:
+        >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
+        >>> result.report.after.flagged_accuracy  # doctest: +SKIP
+    """
+    chosen = _method(method)
+    opts = _options(chosen, options)
+    rows = _rows(train_set, flagged_rows)
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[rows] = False
+    retained = keep.nonzero().flatten()
+    dev = pick_device(device)
+
+    def step(stage: str, k: int, total: int, loss: float | None = None) -> None:
+        if on_progress is not None:
+            on_progress(UnlearnStep(stage, k, total, loss))
+
+    def run(how: UnlearnMethod, n_epochs: int, stage: str) -> tuple[Classifier, float]:
+        job = UnlearnJob(
+            model=copy.deepcopy(model),
+            train=train_set,
+            flagged=rows,
+            retained=retained,
+            epochs=n_epochs,
+            lr=lr if lr is not None and how is chosen else how.lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=dev,
+            options=opts if how is chosen else how.options,
+            on_epoch=lambda e: step(stage, e.epoch, e.epochs, e.loss),
+        )
+        start = time.perf_counter()
+        step(stage, 0, n_epochs)
+        out = how.run(job).eval()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return out, time.perf_counter() - start
+
+    step("measure", 0, 2)
+    before = measure(model, train_set, rows, retained, test=test, device=dev)
+    n_epochs = chosen.epochs if epochs is None else epochs
+    unlearned, seconds = run(chosen, n_epochs, "unlearn")
+    step("measure", 1, 2)
+    after = measure(unlearned, train_set, rows, retained, test=test, device=dev)
+    step("measure", 2, 2)
+    retrained, retrain_scores, retrain_seconds = None, None, None
+    if compare_retrain:
+        gold = METHODS["retrain"]
+        retrained, retrain_seconds = run(gold, retrain_epochs or gold.epochs, "retrain")
+        retrain_scores = measure(retrained, train_set, rows, retained, test=test, device=dev)
+    report = UnlearnReport(
+        method=method,
+        settings={
+            "epochs": n_epochs,
+            "lr": chosen.lr if lr is None else lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            **opts,
+        },
+        before=before,
+        after=after,
+        retrain=retrain_scores,
+        seconds=seconds,
+        retrain_seconds=retrain_seconds,
+        model=f"{model.info.source} ({model.info.arch})",
+        data=f"{train_set.ref.source} [{train_set.ref.split}]",
+        test_data=f"{test.ref.source} [{test.ref.split}]" if test is not None else None,
+        n_flagged=int(rows.numel()),
+        n_retained=int(retained.numel()),
+        n_test=len(test) if test is not None else 0,
+    )
+    return UnlearnResult(model=unlearned.cpu(), report=report, retrained=retrained)
