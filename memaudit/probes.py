@@ -125,7 +125,10 @@ def _anchors(net: nn.Module, grouping: Grouping) -> set[str]:
 
 
 def layer_groups(
-    model: nn.Module, *, grouping: Grouping | str = Grouping.MODULE
+    model: nn.Module,
+    *,
+    grouping: Grouping | str = Grouping.MODULE,
+    names: Sequence[str] | None = None,
 ) -> list[LayerGroup]:
     """The layer groups of ``model`` in network (registration) order, with stable names.
 
@@ -133,7 +136,7 @@ def layer_groups(
     linear). ``block``: each top-level child, timm stage (``feature_info``) or block of a
     ``ModuleList`` (Hugging Face encoder layers), with a trailing norm joined to the block
     before it. Parameters outside any such module (a ViT's ``cls_token``) form a group named
-    after their owner. The classifier head is a group too.
+    after their owner. The classifier head is a group too. ``names`` keeps only those groups.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
@@ -155,7 +158,7 @@ def layer_groups(
             anchor = current if attach and current is not None else owner
         keys.setdefault(anchor, []).append(key)
         current = anchor
-    return _finish_groups(net, keys)
+    return _select(_finish_groups(net, keys), names)
 
 
 def _ancestors(name: str) -> Iterator[str]:
@@ -332,7 +335,7 @@ class GradientTracker:
         self.model = model
         self.grouping = Grouping(grouping)
         self.mode = mode
-        self.groups = tuple(_select(layer_groups(model, grouping=self.grouping), layers))
+        self.groups = tuple(layer_groups(model, grouping=self.grouping, names=layers))
         self.flagged = torch.as_tensor(flagged_rows, dtype=torch.long).reshape(-1)
         named = dict(_net(model).named_parameters())
         self._params = [named[p] for g in self.groups for p in g.params]
@@ -644,7 +647,7 @@ def rewind_layers(
     """
     split = _split(data, flagged_rows, clean_rows, test)
     points = _checkpoint_list(checkpoints)
-    groups = _select(layer_groups(model, grouping=grouping), layers)
+    groups = layer_groups(model, grouping=grouping, names=layers)
     dev = pick_device(device)
     net = _net(model.to(dev))
     baseline = _evaluate(model, split, batch_size=batch_size, device=dev)
@@ -797,7 +800,7 @@ def retrain_layers(
         point = next((c for c in checkpoints if c.epoch == rewind_epoch), None)  # type: ignore[assignment]
         if point is None:
             raise MemauditError(f"no checkpoint for epoch {rewind_epoch} among those given")
-    groups = _select(layer_groups(model, grouping=grouping), layers)
+    groups = layer_groups(model, grouping=grouping, names=layers)
     dev = pick_device(device)
     net = _net(model.to(dev))
     state = read_state(point.path, net)

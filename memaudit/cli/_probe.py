@@ -35,6 +35,7 @@ from memaudit.probes import (
     find_checkpoints,
     gradient_accounting,
     gradient_history,
+    layer_groups,
     retrain_layers,
     rewind_layers,
 )
@@ -272,6 +273,7 @@ def gradients(
         trust_pickle=trust_pickle,
     )
     names = _names(layers)
+    layer_groups(inputs.model, grouping=grouping, names=names)  # unknown names fail now
     if checkpoints is None and epochs is None:
         report = gradient_accounting(
             inputs.model,
@@ -340,6 +342,7 @@ def rewind(
         std=std,
         trust_pickle=trust_pickle,
     )
+    layer_groups(inputs.model, grouping=grouping, names=_names(layers))  # fail before work
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
     with _bar("rewinding") as update:
         report = rewind_layers(
@@ -404,6 +407,7 @@ def retrain(
         std=std,
         trust_pickle=trust_pickle,
     )
+    layer_groups(inputs.model, grouping=grouping, names=_names(layers))  # fail before work
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
     with _bar("retraining") as update:
         report = retrain_layers(
