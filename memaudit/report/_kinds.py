@@ -1,0 +1,57 @@
+"""Every report kind by name: read any report file, print any kind's JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from memaudit.report._audit import AuditReport
+from memaudit.report._base import Report, ReportError
+from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
+from memaudit.report._scan import ScanReport
+from memaudit.report._unlearn import UnlearnReport
+
+KINDS: dict[str, type[Report]] = {
+    cls.KIND: cls
+    for cls in (
+        ScanReport,
+        UnlearnReport,
+        AuditReport,
+        GradientsReport,
+        RewindReport,
+        RetrainReport,
+    )
+}
+
+
+def report_class(kind: str) -> type[Report]:
+    """The report model of ``kind`` (``scan``, ``unlearn``, ``audit``, ...)."""
+    if kind not in KINDS:
+        raise ReportError(f"unknown report kind {kind!r}; one of: {', '.join(KINDS)}")
+    return KINDS[kind]
+
+
+def from_dict(raw: Any, *, source: str = "<data>") -> Report:
+    """Validate a report of any kind (it names its kind)."""
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise ReportError(f"{source} is not a memaudit report (no kind/schema_version)")
+    return report_class(str(raw["kind"])).from_dict(raw, source=source)
+
+
+def read_json(path: str | os.PathLike[str]) -> Report:
+    """Read one report of any kind from a JSON file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ReportError(f"report {str(path)!r} not found")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ReportError(f"{file} is not JSON, so not a memaudit report") from None
+    return from_dict(raw, source=str(file))
+
+
+def schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of the report ``kind``."""
+    return report_class(kind).model_json_schema()

@@ -1,0 +1,747 @@
+"""The HTML report: a pure function of report objects to one self-contained, offline page.
+
+The page carries its CSS, script and plots (inline SVG) inline, a Content-Security-Policy that
+forbids every network load, and each report's JSON (so :func:`read_html` gets the reports back).
+Every string that comes from a model, a dataset or a file is escaped.
+
+Example:
+    >>> from memaudit.report import ScanReport                        # doctest: +SKIP
+    >>> write_html("scan.html", ScanReport.from_json("scan.json"))    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memaudit._version import __version__
+from memaudit.report import _plots as plots
+from memaudit.report._audit import AuditReport, Verdict, verdict, verdict_sentences
+from memaudit.report._base import Report, ReportError
+from memaudit.report._kinds import from_dict, read_json
+from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
+from memaudit.report._scan import ExampleResult, ScanReport, Status
+from memaudit.report._unlearn import UnlearnReport
+
+LOCALIZED_UNITS = 5  # the paper: about 5 units flip a memorized example
+CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+)
+Images = Mapping[int, str] | Any  # id -> data: URI, or an ImageDataset to take thumbnails from
+_ASSETS = Path(__file__).parent
+
+
+def e(value: object) -> str:
+    """HTML-escape anything (quotes too, so it is safe in attributes)."""
+    return html.escape(str(value), quote=True)
+
+
+@dataclass
+class _View:
+    """The reports of one page, sorted by role."""
+
+    scan: ScanReport | None = None
+    comparisons: list[ScanReport] = field(default_factory=list)
+    rescan: ScanReport | None = None
+    unlearns: list[UnlearnReport] = field(default_factory=list)
+    probes: list[Report] = field(default_factory=list)
+    audit: AuditReport | None = None
+    verdict: Verdict | None = None
+
+
+def _view(reports: Sequence[Report], comparison: ScanReport | None, localized: int) -> _View:
+    view = _View()
+    for report in reports:
+        if isinstance(report, AuditReport):
+            if view.audit is not None or view.scan is not None:
+                raise ReportError("one audit per page: render other reports on their own pages")
+            view.audit, view.scan, view.rescan = report, report.scan, report.rescan
+            view.unlearns += [report.unlearn] if report.unlearn else []
+            view.comparisons += [report.comparison] if report.comparison else []
+        elif isinstance(report, ScanReport):
+            if view.scan is None:
+                view.scan = report
+            else:  # later scans are comparison groups (e.g. clean examples)
+                view.comparisons.append(report)
+        elif isinstance(report, UnlearnReport):
+            view.unlearns.append(report)
+        elif isinstance(report, GradientsReport | RewindReport | RetrainReport):
+            view.probes.append(report)
+        else:
+            raise ReportError(f"no HTML view for a {report.kind!r} report")
+    if comparison is not None:
+        view.comparisons.append(comparison)
+    if view.audit is not None:
+        view.verdict = view.audit.verdict
+    elif view.scan is not None:
+        first = view.unlearns[0] if view.unlearns else None
+        view.verdict = verdict(view.scan, localized_units=localized, unlearn=first)
+    return view
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def render_html(
+    *reports: Report,
+    images: Images | None = None,
+    comparison: ScanReport | None = None,
+    localized_units: int | None = None,
+    title: str | None = None,
+) -> str:
+    """One self-contained HTML page of ``reports`` (an audit, or scans, unlearn and probe runs).
+
+    ``images``: thumbnails of the flagged examples, as ``{id: data-URI}`` or an ``ImageDataset``
+    to make them from; none by default (flagged images are sensitive). Scans after the first, and
+    ``comparison``, are comparison groups. ``localized_units`` (N, default the audit's or 5):
+    "rests on a handful of units" means "flips with at most N units".
+    """
+    if not reports:
+        raise ReportError("nothing to render: give at least one report")
+    localized = localized_units or (
+        next((r.verdict.localized_units for r in reports if isinstance(r, AuditReport)), None)
+        or LOCALIZED_UNITS
+    )
+    view = _view(reports, comparison, localized)
+    thumbs = _thumbnails(view, images)
+    body = _body(view, thumbs, title=title)
+    data = "\n".join(_json_script(r) for r in reports)
+    if comparison is not None:
+        data += "\n" + _json_script(comparison)
+    heading = e(title or _title(view))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f'<meta name="generator" content="memaudit {e(__version__)}">\n'
+        '<link rel="icon" href="data:,">\n'
+        f"<title>{heading}</title>\n<style>{_asset('report.css')}</style>\n</head>\n<body>\n"
+        f'<main class="memaudit">\n{body}\n</main>\n{data}\n'
+        f"<script>{_asset('report.js')}</script>\n</body>\n</html>\n"
+    )
+
+
+def render_fragment(*reports: Report, localized_units: int | None = None) -> str:
+    """The page body for a notebook (``_repr_html_``): scoped CSS, plots and table, no images."""
+    localized = localized_units or LOCALIZED_UNITS
+    view = _view(reports, None, localized)
+    return (
+        f'<div class="memaudit"><style>{_asset("report.css")}</style>'
+        f"{_body(view, {}, title=None)}<script>{_asset('report.js')}</script></div>"
+    )
+
+
+def write_html(
+    path: str | os.PathLike[str],
+    *reports: Report,
+    images: Images | None = None,
+    comparison: ScanReport | None = None,
+    localized_units: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Render ``reports`` (see :func:`render_html`) and write the page to ``path``."""
+    page = render_html(
+        *reports,
+        images=images,
+        comparison=comparison,
+        localized_units=localized_units,
+        title=title,
+    )
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+@dataclass(frozen=True)
+class Page:
+    """What :func:`read_html` finds in a memaudit page: its reports and thumbnails."""
+
+    reports: list[Report]
+    thumbnails: dict[int, str]
+
+
+_REPORT_RE = re.compile(
+    r'<script type="application/json" class="memaudit-report"[^>]*>(.*?)</script>', re.S
+)
+_THUMB_RE = re.compile(r'<img class="thumb" data-id="(-?\d+)"[^>]*? src="(data:image/[^"]+)"')
+
+
+def read_html(path: str | os.PathLike[str]) -> Page:
+    """The reports (validated) and thumbnails embedded in a page :func:`write_html` wrote."""
+    file = Path(path)
+    if not file.is_file():
+        raise ReportError(f"report {str(path)!r} not found")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    blocks = _REPORT_RE.findall(text)
+    if not blocks:
+        raise ReportError(f"{file} holds no memaudit report (not written by memaudit?)")
+    reports = []
+    for block in blocks:
+        try:
+            raw = json.loads(block)
+        except json.JSONDecodeError:
+            raise ReportError(f"{file}: an embedded report is not valid JSON") from None
+        reports.append(from_dict(raw, source=str(file)))
+    thumbs = {int(i): uri for i, uri in _THUMB_RE.findall(text)}
+    return Page(reports=reports, thumbnails=thumbs)
+
+
+def read_reports(path: str | os.PathLike[str]) -> list[Report]:
+    """The reports in a JSON report file or a memaudit HTML page."""
+    if Path(path).suffix.lower() in (".html", ".htm"):
+        return read_html(path).reports
+    return [read_json(path)]
+
+
+# --- page parts -------------------------------------------------------------------------------
+
+
+def _asset(name: str) -> str:
+    return (_ASSETS / name).read_text(encoding="utf-8")
+
+
+def _json_script(report: Report) -> str:
+    text = report.model_dump_json()
+    # Inside <script>, only "</" can end the block; escaping <, > and & rules out any markup.
+    safe = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    return (
+        f'<script type="application/json" class="memaudit-report" data-kind="{e(report.kind)}">'
+        f"{safe}</script>"
+    )
+
+
+def _title(view: _View) -> str:
+    if view.audit is not None:
+        return "memaudit audit report"
+    if view.scan is not None:
+        return "memaudit scan report"
+    if view.unlearns:
+        return "memaudit unlearning report"
+    return "memaudit probe report"
+
+
+def _body(view: _View, thumbs: Mapping[int, str], *, title: str | None) -> str:
+    parts = [
+        f"<h1>{e(title or _title(view))}</h1>",
+        _header(view),
+        _verdict(view),
+        _gates(view),
+        _plots_section(view),
+        _table(view, thumbs),
+        *(_probe(p) for p in view.probes),
+        _settings(view),
+        f"<footer>memaudit {e(__version__)} · self-contained page: no network access</footer>",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _dl(items: Sequence[tuple[str, str]]) -> str:
+    """A definition list; values are HTML already (callers escape)."""
+    rows = "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f"<dl>{rows}</dl>"
+
+
+def _header(view: _View) -> str:
+    items: list[tuple[str, str]] = []
+    scan = view.scan
+    first: Report | None = view.audit or scan or (view.unlearns or view.probes or [None])[0]
+    if scan is not None:
+        m, d = scan.model, scan.data
+        items.append(
+            (
+                "Model",
+                f"{e(m.source)} <span class=muted>({e(m.arch)}, {m.n_parameters:,} "
+                f"parameters, {m.n_units:,} units)</span>",
+            )
+        )
+        test = f"; test split {e(d.test_split)} ({d.n_test:,})" if d.test_split else ""
+        items.append(
+            (
+                "Data",
+                f"{e(d.source)} <span class=muted>(split {e(d.split)}: {d.n_examples:,} "
+                f"examples, {d.n_classes} classes{test})</span>",
+            )
+        )
+        items.append(("Flagged examples", f"{scan.summary.n_flagged:,}"))
+    else:
+        other: Any = first
+        if other is not None and hasattr(other, "model"):
+            items.append(("Model", e(other.model)))
+            items.append(("Data", e(other.data)))
+            items.append(("Flagged examples", f"{other.n_flagged:,}"))
+    if first is not None:
+        items.append(("Date", e(first.created.strftime("%Y-%m-%d %H:%M:%S %Z").strip())))
+        items.append(("Tool version", f"memaudit {e(first.memaudit_version)}"))
+    command = view.audit.provenance.command if view.audit else None
+    items.append(
+        (
+            "Command",
+            f"<code>{e(command)}</code>"
+            if command
+            else "<span class=muted>not recorded "
+            "(made through the Python API or from report files)</span>",
+        )
+    )
+    return f'<section class="header">{_dl(items)}</section>'
+
+
+def _verdict(view: _View) -> str:
+    if view.scan is None or view.verdict is None:
+        if not view.unlearns:
+            return ""
+        lines = verdict_sentences_unlearn(view.unlearns)
+    else:
+        skipped = view.audit is not None and view.audit.unlearn is None
+        lines = verdict_sentences(
+            view.scan,
+            view.verdict,
+            unlearns=view.unlearns,
+            rescan=view.rescan,
+            comparisons=view.comparisons,
+            unlearn_skipped=skipped,
+        )
+    items = "".join(f"<li>{e(line)}</li>" for line in lines)
+    return f'<section class="verdict"><h2>Verdict</h2><ul>{items}</ul></section>'
+
+
+def verdict_sentences_unlearn(unlearns: Sequence[UnlearnReport]) -> list[str]:
+    """Plain-words lines for unlearning runs without a scan."""
+    return [
+        f"Unlearning with {u.method} ({u.seconds:.0f} s) took flagged accuracy from "
+        f"{u.before.flagged_accuracy:.0%} to {u.after.flagged_accuracy:.0%}"
+        + (f" (retraining: {u.retrain.flagged_accuracy:.0%})" if u.retrain else "")
+        + "."
+        for u in unlearns
+    ]
+
+
+def _gates(view: _View) -> str:
+    if view.audit is None or not view.audit.gates:
+        return ""
+    rows = "".join(
+        f'<li class="{"pass" if g.passed else "fail"}">{"PASS" if g.passed else "FAIL"}: '
+        f"{e(g.message)}</li>"
+        for g in view.audit.gates
+    )
+    return f'<section class="gates"><h2>Gates</h2><ul>{rows}</ul></section>'
+
+
+def _figure(svg: str, caption: str) -> str:
+    return f'<figure class="plot">{svg}<figcaption>{e(caption)}</figcaption></figure>'
+
+
+def _plots_section(view: _View) -> str:
+    figures = []
+    scan = view.scan
+    if scan is not None:
+        figures += _scan_plots(view, scan)
+    if view.unlearns:
+        series: dict[str, dict[str, float | None]] = {
+            "before": view.unlearns[0].before.model_dump()
+        }
+        for u in view.unlearns:
+            series[f"after {u.method}"] = u.after.model_dump()
+        retrain = next((u.retrain for u in view.unlearns if u.retrain), None)
+        if retrain is not None:
+            series["retrain"] = retrain.model_dump()
+        figures.append(
+            _figure(
+                plots.accuracy_bars(series, title="Before and after unlearning"),
+                "Accuracy on the flagged (given labels), retained and test examples, and the "
+                "membership-inference AUC of flagged vs test (0.5: indistinguishable).",
+            )
+        )
+    if not figures:
+        return ""
+    return f'<section class="plots"><h2>Plots</h2>{"".join(figures)}</section>'
+
+
+def _flipped_units(scan: ScanReport) -> list[int]:
+    return [x.n_units_minimal for x in scan.examples if x.status is Status.FLIPPED]
+
+
+def _scan_plots(view: _View, scan: ScanReport) -> list[str]:
+    groups = {"flagged": _flipped_units(scan)}
+    for i, other in enumerate(view.comparisons):
+        groups["comparison" if i == 0 else f"comparison {i + 1}"] = _flipped_units(other)
+    if view.rescan is not None and _flipped_units(view.rescan):
+        groups["after unlearning"] = _flipped_units(view.rescan)
+    figures = [
+        _figure(
+            plots.units_histogram(groups, budget=scan.settings.max_units, title="Units to flip"),
+            f"How many units must be zeroed to flip each prediction (budget "
+            f"{scan.settings.max_units}); memorized examples need few.",
+        )
+    ]
+    layers = [x.layer for x in scan.model.units_per_layer]
+    per_layer = {"flagged": {x.layer: x.count for x in scan.summary.units_per_layer}}
+    for i, other in enumerate(view.comparisons):
+        name = "comparison" if i == 0 else f"comparison {i + 1}"
+        per_layer[name] = {x.layer: x.count for x in other.summary.units_per_layer}
+    figures.append(
+        _figure(
+            plots.units_per_layer(layers, per_layer, title="Where the units sit"),
+            "Share of the units found in each layer, in network order (input at the top).",
+        )
+    )
+    test = scan.summary.test_accuracy_before is not None
+    cost = {"flagged": _costs(scan, test=test)}
+    for i, other in enumerate(view.comparisons):
+        cost["comparison" if i == 0 else f"comparison {i + 1}"] = _costs(other, test=test)
+    label = "test" if test else "reference"
+    figures.append(
+        _figure(
+            plots.edit_cost(cost, ylabel=f"{label} accuracy drop (pts)", title="Cost of each edit"),
+            f"Accuracy points lost on the {label} examples when an example's units are zeroed.",
+        )
+    )
+    return figures
+
+
+def _costs(scan: ScanReport, *, test: bool) -> list[tuple[int, float]]:
+    s = scan.summary
+    before = s.test_accuracy_before if test else s.reference_accuracy_before
+    if before is None:
+        return []
+    points = []
+    for x in scan.examples:
+        after = x.test_accuracy if test else x.reference_accuracy
+        if x.status is Status.FLIPPED and after is not None:
+            points.append((x.n_units_minimal, (before - after) * 100))
+    return points
+
+
+# --- the table of flagged examples ------------------------------------------------------------
+
+
+def _label(index: int | None, names: Sequence[str] | None) -> str:
+    if index is None:
+        return ""
+    if names and 0 <= index < len(names):
+        return f"{index} · {names[index]}"
+    return str(index)
+
+
+def _cell(text: object, sort: float | int | str | None = None, cls: str = "") -> str:
+    attr = f' data-v="{e(sort)}"' if sort is not None else ""
+    klass = f' class="{cls}"' if cls else ""
+    return f"<td{attr}{klass}>{e(text)}</td>"
+
+
+def _drop(before: float | None, after: float | None) -> str:
+    return "" if before is None or after is None else f"{(before - after) * 100:.1f}"
+
+
+def _units_text(x: ExampleResult, limit: int = 6) -> str:
+    shown = ", ".join(f"{u.layer}[{u.index}]" for u in x.units[:limit])
+    return shown + (f", … (+{len(x.units) - limit})" if len(x.units) > limit else "")
+
+
+def _table(view: _View, thumbs: Mapping[int, str]) -> str:
+    scan = view.scan
+    if scan is None:
+        return ""
+    names = scan.model.class_names
+    after = {x.id: x for x in view.rescan.examples} if view.rescan else {}
+    head = [
+        "id",
+        "given label",
+        "predicted",
+        "status",
+        "units",
+        "greedy units",
+        "after edit",
+        "test drop (pts)",
+        "ref. drop (pts)",
+    ]
+    if view.rescan is not None:
+        head += ["after unlearning", "still localized"]
+    head.append("units found")
+    if thumbs:
+        head.insert(1, "image")
+    s = scan.summary
+    rows = []
+    for x in scan.examples:
+        cells = [
+            _cell(x.id, x.id),
+            _cell(_label(x.label, names), x.label),
+            _cell(_label(x.predicted_before, names), x.predicted_before),
+            _cell(x.status.value.replace("_", " "), cls=f"st-{x.status.value}"),
+            _cell(x.n_units_minimal if x.flipped else "", x.n_units_minimal if x.flipped else ""),
+            _cell(x.n_units if x.flipped else "", x.n_units if x.flipped else ""),
+            _cell(_label(x.predicted_after, names)),
+            _cell(d := _drop(s.test_accuracy_before, x.test_accuracy), d),
+            _cell(d := _drop(s.reference_accuracy_before, x.reference_accuracy), d),
+        ]
+        if view.rescan is not None:
+            y = after.get(x.id)
+            cells.append(_cell(_label(y.predicted_before, names) if y else ""))
+            localized = y is not None and y.flipped and y.n_units_minimal <= _cap(view)
+            cells.append(_cell("yes" if localized else "no"))
+        cells.append(_cell(_units_text(x), cls="units"))
+        if thumbs:
+            uri = thumbs.get(x.id)
+            img = (
+                f'<img class="thumb" data-id="{x.id}" alt="example {x.id}" src="{e(uri)}">'
+                if uri
+                else ""
+            )
+            cells.insert(1, f"<td>{img}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    header = "".join(f'<th scope="col" tabindex="0">{e(h)}</th>' for h in head)
+    return (
+        '<section class="examples"><h2>Flagged examples</h2>'
+        '<p class="tools"><input type="search" class="search" placeholder="Search the table…" '
+        'aria-label="Search the flagged examples" data-table="examples-table"> '
+        f'<span class="count" data-for="examples-table">{len(rows)} of {len(rows)}</span> '
+        '<span class="muted">Click a column title to sort.</span></p>'
+        '<div class="scroll"><table class="sortable" id="examples-table">'
+        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
+
+
+def _cap(view: _View) -> int:
+    return view.verdict.localized_units if view.verdict else LOCALIZED_UNITS
+
+
+def _thumbnails(view: _View, images: Images | None) -> dict[int, str]:
+    if images is None or view.scan is None:
+        return {}
+    ids = [x.id for x in view.scan.examples]
+    if isinstance(images, Mapping):
+        return {i: str(images[i]) for i in ids if i in images}
+    rows = images.rows(ids)  # an ImageDataset
+    pixels = images.images[rows]
+    return {i: plots.thumbnail(pixels[k].numpy()) for k, i in enumerate(ids)}
+
+
+# --- probes -----------------------------------------------------------------------------------
+
+
+def _probe(report: Report) -> str:
+    if isinstance(report, GradientsReport):
+        return _gradients(report)
+    if isinstance(report, RewindReport):
+        return _rewind(report)
+    if isinstance(report, RetrainReport):
+        return _retrain(report)
+    return ""
+
+
+def _epochs(epochs: Sequence[int | None]) -> list[str]:
+    return ["?" if x is None else str(x) for x in epochs]
+
+
+def _gradients(r: GradientsReport) -> str:
+    names = [x.name for x in r.layers]
+    ratio = [
+        [
+            f / c if f is not None and c else None
+            for f, c in zip(x.flagged_norm, x.clean_norm, strict=True)
+        ]
+        for x in r.layers
+    ]
+    top = max([v for row in ratio for v in row if v is not None] or [1.0])
+    figures = [
+        _figure(
+            plots.heatmap(
+                names,
+                _epochs(r.epochs),
+                [x.cosine for x in r.layers],
+                label="cosine(flagged, clean)",
+                vmin=-1,
+                vmax=1,
+                cmap="RdBu",
+                title="Gradient cosine per layer and epoch",
+            ),
+            "Cosine similarity of the summed flagged and clean gradients (negative: they pull "
+            "in opposite directions).",
+        ),
+        _figure(
+            plots.heatmap(
+                names,
+                _epochs(r.epochs),
+                ratio,
+                label="flagged / clean norm",
+                vmin=0,
+                vmax=top,
+                title="Gradient norm ratio per layer and epoch",
+            ),
+            f"Norm of the flagged gradient over the clean one ({r.n_flagged} flagged, "
+            f"{r.n_clean} clean examples; norms per sqrt(#parameters)).",
+        ),
+    ]
+    return _section(
+        "Probe: gradient accounting",
+        r,
+        figures,
+        f"grouping {r.grouping.value}, measured during {r.mode}",
+    )
+
+
+def _rewind(r: RewindReport) -> str:
+    names = [x.name for x in r.layers]
+    figures = [
+        _figure(
+            plots.heatmap(
+                names,
+                [str(x) for x in r.epochs],
+                [x.flagged for x in r.layers],
+                label="flagged accuracy",
+                vmin=0,
+                vmax=1,
+                title="Flagged accuracy with one layer rewound",
+            ),
+            "Flagged (given-label) accuracy of the final model with one layer set to its weights "
+            "of an earlier epoch.",
+        )
+    ]
+    if r.epochs:
+        column = 0
+        figures.append(
+            _figure(
+                plots.layer_bars(
+                    names,
+                    {
+                        "flagged": [x.flagged[column] for x in r.layers],
+                        "clean": [x.clean[column] for x in r.layers],
+                    },
+                    xlabel=f"accuracy with the layer rewound to epoch {r.epochs[column]}",
+                    baseline=r.baseline.flagged,
+                    title="Rewinding one layer",
+                ),
+                "Red: flagged accuracy; blue: clean accuracy. A layer that held the memorization "
+                "would drop the red bar to near 0.",
+            )
+        )
+    return _section("Probe: layer rewinding", r, figures, f"grouping {r.grouping.value}")
+
+
+def _retrain(r: RetrainReport) -> str:
+    names = [x.name for x in r.layers]
+    figure = _figure(
+        plots.layer_bars(
+            names,
+            {
+                "rewound": [x.rewound.flagged for x in r.layers],
+                "retrained": [x.retrained.flagged for x in r.layers],
+            },
+            xlabel="flagged accuracy",
+            baseline=r.baseline.flagged,
+            title="Rewind, then retrain one layer on clean data",
+        ),
+        f"Flagged accuracy after rewinding each layer to epoch {r.rewind_epoch}, and after "
+        f"retraining it alone for {r.train_epochs} epochs on the clean examples.",
+    )
+    return _section("Probe: layer retraining", r, [figure], f"grouping {r.grouping.value}")
+
+
+def _section(heading: str, report: Any, figures: list[str], note: str) -> str:
+    return (
+        f'<section class="probe"><h2>{e(heading)}</h2><p class="muted">{e(report.model)} on '
+        f"{e(report.data)}; {e(note)}.</p>{''.join(figures)}</section>"
+    )
+
+
+# --- settings, timings, environment -----------------------------------------------------------
+
+
+def _kv_table(values: Mapping[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in values.items())
+    return f'<table class="kv">{rows}</table>'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "—"
+    return str(value)
+
+
+def _settings(view: _View) -> str:
+    blocks = []
+    if view.scan is not None:
+        blocks.append(("Scan settings", _kv_table(view.scan.settings.model_dump(mode="json"))))
+        t = view.scan.timing
+        timing = {
+            "scan seconds": t.seconds,
+            "examples / s": t.examples_per_second,
+            "device": t.device,
+        }
+        if view.rescan is not None:
+            timing["rescan seconds"] = view.rescan.timing.seconds
+        for i, c in enumerate(view.comparisons):
+            timing[f"comparison scan {i + 1} seconds"] = c.timing.seconds
+        blocks.append(("Timing", _kv_table(timing)))
+    for u in view.unlearns:
+        values = {
+            "method": u.method,
+            **u.settings,
+            "seconds": u.seconds,
+            "retrain seconds": u.retrain_seconds,
+            "flagged": u.n_flagged,
+            "retained": u.n_retained,
+            "test": u.n_test,
+            "unlearned model": u.out_model,
+        }
+        blocks.append((f"Unlearning: {u.method}", _kv_table(values)))
+    if view.audit is not None:
+        p = view.audit.provenance
+        stages = {f"{s.stage} (s)": s.seconds for s in p.stages}
+        blocks.append(("Stages", _kv_table(stages)))
+        files = {
+            "weights": p.weights,
+            "flagged ids": p.flagged_ids,
+            "unlearned model": p.unlearned_model,
+        }
+        blocks.append(
+            (
+                "Files (SHA-256)",
+                _kv_table(
+                    {
+                        k: f"{v.path}  sha256:{v.sha256}  ({v.bytes:,} bytes)" if v else None
+                        for k, v in files.items()
+                    }
+                ),
+            )
+        )
+        blocks.append(("Seeds", _kv_table(p.seeds)))
+        env = {
+            **p.versions,
+            "device": p.device,
+            "device name": p.device_name,
+            "platform": p.platform,
+        }
+        blocks.append(("Environment", _kv_table(env)))
+    reports = {
+        f"{r.kind} report": f"memaudit {r.memaudit_version}, schema {r.schema_version}, "
+        f"{r.created.isoformat()}"
+        for r in _all(view)
+    }
+    blocks.append(("Embedded reports", _kv_table(reports)))
+    inner = "".join(f"<div><h3>{e(h)}</h3>{t}</div>" for h, t in blocks)
+    return (
+        f'<section class="settings"><h2>Settings, timings, environment</h2>'
+        f'<div class="grid">{inner}</div></section>'
+    )
+
+
+def _all(view: _View) -> list[Report]:
+    found: list[Report | None] = [
+        view.audit,
+        view.scan,
+        view.rescan,
+        *view.comparisons,
+        *view.unlearns,
+        *view.probes,
+    ]
+    return [r for r in found if r is not None]
