@@ -170,8 +170,9 @@ def greedy_search(
     """Zero units per example until each flips or hits the budget. All of ``x`` must be correct."""
     scorer = SCORERS[settings.scorer]
     n_rows, total = len(y), masks.space.total
+    budget = min(settings.max_units, total)
     zeroed = torch.zeros(n_rows, total, dtype=torch.bool, device=x.device)
-    order = torch.full((n_rows, settings.max_units), -1, dtype=torch.long, device=x.device)
+    order = torch.full((n_rows, budget), -1, dtype=torch.long, device=x.device)
     found = [Found(-1, int(y[i]), int(y[i]), Status.BUDGET_EXHAUSTED) for i in range(n_rows)]
     active = torch.arange(n_rows, device=x.device)
     n_zeroed = step = 0
@@ -179,7 +180,7 @@ def greedy_search(
         mask = (~zeroed[active]).float()
         pred = _predict(masks, model, x[active], mask)
         flipped = pred != y[active]
-        done = flipped | (n_zeroed >= settings.max_units)
+        done = flipped | (n_zeroed >= budget)
         for i, p, f in zip(
             active[done].tolist(), pred[done].tolist(), flipped[done].tolist(), strict=True
         ):
@@ -193,7 +194,7 @@ def greedy_search(
             model, masks, x[active], y[active], mask, reference_grad, settings, generator
         )
         scores = scorer(ctx).masked_fill(zeroed[active], float("-inf"))
-        k = min(settings.units_per_step, settings.max_units - n_zeroed)
+        k = min(settings.units_per_step, budget - n_zeroed)
         top = scores.topk(k, dim=1).indices
         zeroed[active.unsqueeze(1), top] = True
         order[active, n_zeroed : n_zeroed + k] = top

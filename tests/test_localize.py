@@ -1,0 +1,261 @@
+"""The batched greedy search: right answers on known models, batching, scorers, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from memaudit import Auditor, MemauditError
+from memaudit.data import ImageDataset
+from memaudit.models import Preprocess, load_model
+from memaudit.report import ScanReport, Status
+
+
+def _hand_model() -> nn.Module:
+    """Features x0, x1 in [0, 1]. h0 = relu(x0), h1 = relu(x1), h2 = 1 (bias).
+
+    logit0 = h2 (class 0 by default), logit1 = 3 * h0: an input with x0 = 1 is class 1 only
+    because of unit h0, so zeroing ("1", 0) is the one-unit flip.
+    """
+    hidden = nn.Linear(2, 3)
+    head = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        hidden.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        hidden.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+        head.weight.copy_(torch.tensor([[0.0, 0.0, 1.0], [3.0, 0.0, 0.0]]))
+    return nn.Sequential(nn.Flatten(), hidden, nn.ReLU(), head)
+
+
+def _hand_data() -> ImageDataset:
+    pixels = torch.zeros(12, 1, 1, 2, dtype=torch.uint8)
+    pixels[0, 0, 0, 0] = 255  # class 1 through h0
+    pixels[1, 0, 0, 1] = 255  # labelled 1, but h1 has no path to the logits: misclassified
+    labels = torch.tensor([1, 1] + [0] * 10)
+    return ImageDataset(pixels, labels, Preprocess(mean=(0.0,), std=(1.0,)))
+
+
+def test_hand_built_model_flips_on_the_known_unit() -> None:
+    report = Auditor(_hand_model(), _hand_data(), device="cpu").scan([0, 1], max_units=3)
+    flipped, wrong = report.examples
+    assert flipped.status is Status.FLIPPED and flipped.flipped
+    assert [(u.layer, u.index) for u in flipped.units] == [("1", 0)]
+    assert flipped.n_units == flipped.n_units_minimal == 1
+    assert (flipped.predicted_before, flipped.predicted_after) == (1, 0)
+    assert wrong.status is Status.MISCLASSIFIED and wrong.n_units == 0 and not wrong.flipped
+    assert report.summary.n_misclassified == 1 and report.summary.flip_rate == 1.0
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, ImageDataset, ImageDataset]:
+    """A tiny CNN that has memorized random labels of random images (a miniature testbed)."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = _TinyCNN()
+    images = torch.randint(0, 256, (40, 1, 6, 6), dtype=torch.uint8, generator=gen)
+    data = ImageDataset(images, torch.arange(40) % 3)
+    x = data.batch(torch.arange(40))
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    for _ in range(120):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), data.labels).backward()
+        opt.step()
+    model.eval()
+    test = ImageDataset(images[:16].clone(), data.labels[:16].clone())
+    return model, data, test
+
+
+def _units(report: ScanReport) -> list[list[tuple[str, int]]]:
+    return [[(u.layer, u.index) for u in e.units] for e in report.examples]
+
+
+def test_batched_equals_one_at_a_time(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    model, data, test = tiny
+    auditor = Auditor(model, data, test, device="cpu")
+    ids = list(range(8))
+    batched = auditor.scan(ids, batch_size=8, max_units=20, reference_size=16)
+    single = auditor.scan(ids, batch_size=1, max_units=20, reference_size=16)
+    assert batched.summary.n_flipped >= 6  # not vacuous: the search did find units
+    assert _units(batched) == _units(single)
+    assert [e.n_units for e in batched.examples] == [e.n_units for e in single.examples]
+    assert [e.test_accuracy for e in batched.examples] == pytest.approx(
+        [e.test_accuracy for e in single.examples]
+    )
+
+
+def test_masks_do_not_leak_between_examples(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """An example's result does not depend on which other examples share its batch."""
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    alone = auditor.scan([3], max_units=20, reference_size=16)
+    crowd = auditor.scan([7, 3, 5, 0], max_units=20, reference_size=16)
+    assert _units(alone)[0] == _units(crowd)[1]
+
+
+def test_pruned_set_still_flips_and_is_minimal(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    model, data, _ = tiny
+    classifier = load_model(model)
+    report = Auditor(classifier, data, device="cpu").scan(list(range(6)), max_units=20)
+    space = classifier.units()
+    for example in report.examples:
+        if not example.flipped:
+            continue
+        assert example.n_units_minimal <= example.n_units
+        flat = [space.flat(u) for u in _as_units(example)]
+        assert _flips(classifier, data, example.id, flat)
+        for drop in flat:  # no single unit of the minimal set can go
+            assert not _flips(classifier, data, example.id, [u for u in flat if u != drop])
+
+
+def _as_units(example):  # type: ignore[no-untyped-def]
+    from memaudit.units import Unit
+
+    return [Unit(u.layer, u.index) for u in example.units]
+
+
+def _flips(model, data, row, flat):  # type: ignore[no-untyped-def]
+    from memaudit.masks import UnitMasks
+
+    space = model.units()
+    mask = torch.ones(1, space.total)
+    mask[0, flat] = 0
+    with UnitMasks(model.net, space) as masks, torch.no_grad():
+        masks.mask = mask
+        return int(model(data.batch(torch.tensor([row]))).argmax(1)) != int(data.labels[row])
+
+
+@pytest.mark.parametrize("scorer", ["random", "integrated-gradients"])
+def test_other_scorers_flip(
+    scorer: str, tiny: tuple[nn.Module, ImageDataset, ImageDataset]
+) -> None:
+    model, data, _ = tiny
+    report = Auditor(model, data, device="cpu").scan(
+        [0, 1, 2], scorer=scorer, max_units=30, reference_size=8, ig_steps=4
+    )
+    assert report.settings.scorer == scorer
+    assert report.summary.n_flipped + report.summary.n_budget_exhausted == 3
+    if scorer == "integrated-gradients":
+        assert report.summary.n_flipped >= 1
+
+
+def test_first_order_scorer_beats_random(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    ids = list(range(12))
+    smart = auditor.scan(ids, max_units=40, prune=False)
+    rand = auditor.scan(ids, max_units=40, prune=False, scorer="random")
+    assert smart.summary.flip_rate >= rand.summary.flip_rate
+    assert (smart.summary.mean_units or 0) < (rand.summary.mean_units or 99)
+
+
+def test_noise_averaging_runs(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    model, data, _ = tiny
+    report = Auditor(model, data, device="cpu").scan([0, 1], noise_copies=3, max_units=20)
+    assert report.settings.noise_copies == 3 and report.summary.n_flagged == 2
+
+
+def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    model, data, _ = tiny
+    report = Auditor(model, data, device="cpu").scan(list(range(10)), max_units=1)
+    assert Auditor(model, data, device="cpu").scan([0], max_units=500).examples[0].n_units <= 14
+    statuses = {e.status for e in report.examples}
+    assert Status.BUDGET_EXHAUSTED in statuses
+    for e in report.examples:
+        if e.status is Status.BUDGET_EXHAUSTED:
+            assert e.n_units == 1 and not e.flipped and e.reference_accuracy is None
+
+
+def test_resume_after_interruption_gives_the_same_report(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], tmp_path: Path
+) -> None:
+    model, data, test = tiny
+    auditor = Auditor(model, data, test, device="cpu")
+    ids = list(range(9))
+    full = auditor.scan(ids, batch_size=3, max_units=20)
+    journal = tmp_path / "scan.journal.jsonl"
+
+    def crash(done: int, total: int) -> None:
+        if done >= 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        auditor.scan(ids, batch_size=3, max_units=20, journal=journal, on_progress=crash)
+    assert len(journal.read_text().splitlines()) == 1 + 6  # header + two finished chunks
+    with journal.open("a") as f:
+        f.write('{"id": 6, "lab')  # a line cut short by the crash
+    seen: list[int] = []
+    resumed = auditor.scan(
+        ids,
+        batch_size=3,
+        max_units=20,
+        journal=journal,
+        resume=True,
+        on_progress=lambda done, total: seen.append(done),
+    )
+    assert seen[0] == 6  # the finished examples were not searched again
+    assert resumed.examples == full.examples
+    assert resumed.summary == full.summary
+
+
+def test_resume_refuses_other_settings(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], tmp_path: Path
+) -> None:
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    journal = tmp_path / "j.jsonl"
+    auditor.scan([0, 1], max_units=5, journal=journal)
+    with pytest.raises(MemauditError, match="other settings"):
+        auditor.scan([0, 1], max_units=6, journal=journal, resume=True)
+
+
+def test_bad_settings_and_ids(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    with pytest.raises(MemauditError, match="unknown scorer"):
+        auditor.scan([0], scorer="nope")
+    with pytest.raises(MemauditError, match="max_units"):
+        auditor.scan([0], max_units=0)
+    with pytest.raises(MemauditError, match="out of range"):
+        auditor.scan([40])
+    with pytest.raises(MemauditError, match="no flagged ids"):
+        auditor.scan([])
+
+
+def test_report_round_trips_and_summary_is_consistent(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], tmp_path: Path
+) -> None:
+    model, data, test = tiny
+    report = Auditor(model, data, test, device="cpu").scan(list(range(6)), max_units=20)
+    path = report.to_json(tmp_path / "scan.json")
+    again = ScanReport.from_json(path)
+    assert again == report
+    raw = json.loads(path.read_text())
+    assert raw["kind"] == "scan" and raw["examples"][0]["status"] in {s.value for s in Status}
+    s = report.summary
+    assert s.n_flipped + s.n_budget_exhausted + s.n_misclassified == s.n_flagged
+    assert sum(c.count for c in s.units_per_layer) == sum(
+        e.n_units_minimal for e in report.examples if e.flipped
+    )
+    assert sum(s.depth_deciles) == pytest.approx(1.0 if s.n_flipped else 0.0)
+    assert report.model.n_units == sum(c.count for c in report.model.units_per_layer)
