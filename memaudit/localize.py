@@ -30,7 +30,7 @@ from memaudit.errors import MemauditError
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.report._scan import ExampleResult, ScanSettings, Status, UnitRef
-from memaudit.units import UnitSpace
+from memaudit.units import Unit, UnitSpace
 
 _EVAL_ROWS = 2048  # rows per forward when evaluating many edited models at once
 
@@ -323,3 +323,26 @@ def search_chunk(
             f.row, f.predicted_before = int(rows[i]), int(pred[i])
             found[i] = f
     return found
+
+
+def flip_units(
+    model: Classifier,
+    train: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    settings: ScanSettings | None = None,
+    device: str | torch.device = "auto",
+) -> list[list[int]]:
+    """Minimal unit sets (flat indices of ``model.units()``) that flip each row; ``[]`` if none.
+
+    A convenience over :meth:`memaudit.Auditor.scan` for methods that edit by units.
+    """
+    from memaudit.auditor import Auditor  # the Auditor builds on this module
+
+    ids = rows.tolist() if train.ids is None else train.ids[rows].tolist()
+    report = Auditor(model, train, device=device).scan(ids, settings=settings, eval_size=0)
+    space = model.units()
+    return [
+        [space.flat(Unit(u.layer, u.index)) for u in e.units] if e.flipped else []
+        for e in report.examples
+    ]
