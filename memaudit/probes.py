@@ -61,6 +61,7 @@ __all__ = [
 _UNIT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 GradientMode = Literal["training", "checkpoint"]
+NormStats = Literal["batch", "running"]
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d+)\.(safetensors|pt|pth)$")
 
 
@@ -331,8 +332,10 @@ class GradientTracker:
         grouping: Grouping | str = Grouping.MODULE,
         layers: Sequence[str] | None = None,
         mode: GradientMode = "training",
+        norm_stats: NormStats = "batch",
     ) -> None:
         self.model = model
+        self.norm_stats = norm_stats
         self.grouping = Grouping(grouping)
         self.mode = mode
         self.groups = tuple(layer_groups(model, grouping=self.grouping, names=layers))
@@ -409,6 +412,7 @@ class GradientTracker:
             data=data,
             grouping=self.grouping,
             mode=self.mode,
+            norm_stats=self.norm_stats,
         )
 
 
@@ -419,6 +423,7 @@ def gradients_report(
     data: str,
     grouping: Grouping | str,
     mode: GradientMode,
+    norm_stats: NormStats = "batch",
 ) -> GradientsReport:
     """Layer x epoch rows of a sequence of :class:`GradientStats`."""
     if not history:
@@ -438,6 +443,7 @@ def gradients_report(
         data=data,
         grouping=Grouping(grouping),
         mode=mode,
+        norm_stats=norm_stats,
         n_flagged=history[-1].n_flagged,
         n_clean=history[-1].n_clean,
         epochs=[s.epoch for s in history],
@@ -487,14 +493,40 @@ def _accumulate(
     rows: torch.Tensor,
     *,
     batch_size: int,
+    norm_stats: NormStats,
     device: torch.device,
 ) -> None:
+    """Observe every row once, in seeded random batches (as in training), on ``model``."""
     model.to(device).eval()
     labels = data.labels.to(device)
-    for batch in rows.split(batch_size):
-        logits = model(data.batch(batch, device))
-        losses = F.cross_entropy(logits, labels[batch.to(device)], reduction="none")
-        tracker.observe(batch, losses)
+    order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    with _batch_stats(model, on=norm_stats == "batch"):
+        for batch in order.split(batch_size):
+            logits = model(data.batch(batch, device))
+            losses = F.cross_entropy(logits, labels[batch.to(device)], reduction="none")
+            tracker.observe(batch, losses)
+
+
+@contextmanager
+def _batch_stats(model: nn.Module, *, on: bool) -> Iterator[None]:
+    """Batch-norm layers normalize with batch statistics, as in training; their running
+    statistics are put back after. Everything else (dropout) stays in eval mode."""
+    net = _net(model)
+    norms = {
+        name: m
+        for name, m in net.named_modules()
+        if on and isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    live = net.state_dict()
+    keys = [k for k in live if k.rpartition(".")[0] in norms]
+    with swapped(model, {k: live[k].clone() for k in keys}, keys):
+        for module in norms.values():
+            module.train()
+        try:
+            yield
+        finally:
+            for module in norms.values():
+                module.eval()
 
 
 @dataclass(frozen=True)
@@ -518,18 +550,29 @@ def gradient_accounting(
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
     epoch: int | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
+    norm_stats: NormStats = "batch",
     device: str | torch.device = "auto",
 ) -> GradientsReport:
     """Gradient accounting of one model, post hoc: flagged vs other rows of ``data``.
 
-    The model runs in eval mode (batch-norm uses its running statistics); every row of ``rows``
-    (all by default) contributes once. ``epoch`` labels the report's single column.
+    Every row of ``rows`` (all by default) contributes once, in seeded random batches. With
+    ``norm_stats="batch"`` (default) batch-norm layers use batch statistics as in training (their
+    running statistics are restored after); ``"running"`` evaluates the model in eval mode,
+    which mid-training checkpoints answer with inflated losses. ``epoch`` labels the column.
     """
     flagged = _flagged(data, flagged_rows)
-    tracker = GradientTracker(model, flagged, grouping=grouping, layers=layers, mode="checkpoint")
+    tracker = GradientTracker(
+        model, flagged, grouping=grouping, layers=layers, mode="checkpoint", norm_stats=norm_stats
+    )
     _accumulate(
-        model, tracker, data, _rows(data, rows), batch_size=batch_size, device=pick_device(device)
+        model,
+        tracker,
+        data,
+        _rows(data, rows),
+        batch_size=batch_size,
+        norm_stats=norm_stats,
+        device=pick_device(device),
     )
     tracker.end_epoch(epoch)
     return tracker.report(data=_data_name(data))
@@ -544,23 +587,35 @@ def gradient_history(
     rows: torch.Tensor | Sequence[int] | None = None,
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
+    norm_stats: NormStats = "batch",
     device: str | torch.device = "auto",
     on_progress: ProgressHook | None = None,
 ) -> GradientsReport:
     """Gradient accounting on each per-epoch checkpoint: a layer x epoch table.
 
     Each checkpoint's weights are loaded into ``model`` in turn; its own weights come back after.
+    ``norm_stats`` as in :func:`gradient_accounting`.
     """
     flagged = _flagged(data, flagged_rows)
     points = _checkpoint_list(checkpoints)
     net = _net(model)
     dev = pick_device(device)
-    tracker = GradientTracker(model, flagged, grouping=grouping, layers=layers, mode="checkpoint")
+    tracker = GradientTracker(
+        model, flagged, grouping=grouping, layers=layers, mode="checkpoint", norm_stats=norm_stats
+    )
     everything = list(net.state_dict())
     for i, point in enumerate(points):
         with swapped(model, read_state(point.path, net), everything):
-            _accumulate(model, tracker, data, _rows(data, rows), batch_size=batch_size, device=dev)
+            _accumulate(
+                model,
+                tracker,
+                data,
+                _rows(data, rows),
+                batch_size=batch_size,
+                norm_stats=norm_stats,
+                device=dev,
+            )
         tracker.end_epoch(point.epoch)
         if on_progress is not None:
             on_progress(ProbeStep(i + 1, len(points), f"epoch {point.epoch}"))

@@ -124,7 +124,10 @@ def test_block_groups_of_a_timm_vit_are_its_blocks() -> None:
 
 def test_gradient_norms_equal_a_per_example_loop(bed: Path) -> None:
     model, data = _load(bed)
-    report = gradient_accounting(model, data, FLAGGED, batch_size=10, device="cpu")
+    report = gradient_accounting(
+        model, data, FLAGGED, batch_size=10, norm_stats="running", device="cpu"
+    )
+    assert report.norm_stats == "running"
     groups = layer_groups(model)
     params = dict(model.net.named_parameters())
     sums = {flag: {n: torch.zeros_like(p) for n, p in params.items()} for flag in (True, False)}
@@ -143,6 +146,27 @@ def test_gradient_norms_equal_a_per_example_loop(bed: Path) -> None:
         assert row.clean_norm[0] == pytest.approx(float(c.norm()) / math.sqrt(group.size), 1e-4)
         assert row.cosine[0] == pytest.approx(float(F.cosine_similarity(f, c, dim=0)), abs=1e-4)
     assert (report.n_flagged, report.n_clean) == (3, 21)
+
+
+def test_batch_statistics_mode_matches_one_training_mode_batch(bed: Path) -> None:
+    model, data = _load(bed)
+    before = _state(model)
+    report = gradient_accounting(model, data, FLAGGED, batch_size=len(data), device="cpu")
+    assert _same(before, _state(model))  # running statistics restored
+    model.train()
+    losses = F.cross_entropy(
+        model(data.batch(torch.arange(len(data)))), data.labels, reduction="none"
+    )
+    is_flagged = torch.isin(torch.arange(len(data)), torch.tensor(FLAGGED))
+    params = dict(model.net.named_parameters())
+    group = layer_groups(model)[3]
+    wanted = [params[p] for p in group.params]
+    f = torch.autograd.grad(losses[is_flagged].sum(), wanted, retain_graph=True)
+    c = torch.autograd.grad(losses[~is_flagged].sum(), wanted)
+    f_norm = float(torch.cat([g.flatten() for g in f]).norm()) / math.sqrt(group.size)
+    c_norm = float(torch.cat([g.flatten() for g in c]).norm()) / math.sqrt(group.size)
+    assert report.layers[3].flagged_norm[0] == pytest.approx(f_norm, rel=1e-4)
+    assert report.layers[3].clean_norm[0] == pytest.approx(c_norm, rel=1e-4)
 
 
 def test_cosine_and_norm_on_a_hand_made_case() -> None:
@@ -192,6 +216,7 @@ def test_gradient_history_over_checkpoints_restores_the_model(bed: Path, tmp_pat
     assert report.epochs == [0, 1, 2]
     assert _same(before, _state(model))
     last = gradient_accounting(model, data, FLAGGED, device="cpu")
+    assert _same(before, _state(model))
     assert [r.cosine[-1] for r in report.layers] == pytest.approx(
         [r.cosine[0] for r in last.layers]
     )

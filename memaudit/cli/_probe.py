@@ -170,10 +170,10 @@ def gradients_table(report: GradientsReport) -> Table:
     last = report.epochs[-1]
     table = Table(title=f"gradient accounting ({report.mode}, epoch {last})")
     for name in ("layer", "params", "flagged norm", "clean norm", "cosine"):
-        table.add_column(name, justify="left" if name == "layer" else "right")
+        table.add_column(name, justify="left" if name == "layer" else "right", no_wrap=True)
     many = len(report.epochs) > 1
     if many:
-        table.add_column("mean cosine (all epochs)", justify="right")
+        table.add_column("mean cosine", justify="right")
     for row in report.layers:
         cells = [row.name, f"{row.params:,}", _num(row.flagged_norm[-1]), _num(row.clean_norm[-1])]
         cells.append(_num(row.cosine[-1]))
@@ -193,7 +193,7 @@ def rewind_table(report: RewindReport, *, max_columns: int = 6) -> Table:
     step = max(1, -(-len(report.epochs) // max_columns))
     shown = list(range(0, len(report.epochs), step))
     table = Table(title="layer rewinding: flagged / clean accuracy")
-    table.add_column("layer")
+    table.add_column("layer", no_wrap=True)
     table.add_column("params", justify="right")
     for j in shown:
         table.add_column(f"epoch {report.epochs[j]}", justify="right")
@@ -216,7 +216,9 @@ def retrain_table(report: RetrainReport) -> Table:
     )
     columns = ("layer", "params", "flagged rewound", "flagged retrained", "recovered")
     for name in (*columns, "clean retrained"):
-        table.add_column(name, justify="left" if name == "layer" else "right")
+        table.add_column(
+            name, justify="left" if name == "layer" else "right", no_wrap=name == "layer"
+        )
     for row in report.layers:
         table.add_row(
             row.name,
@@ -249,7 +251,15 @@ def gradients(
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
         "gradients.json"
     ),
-    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 128,
+    running_stats: Annotated[
+        bool,
+        typer.Option(
+            "--running-stats",
+            help="Batch-norm with its running statistics (eval mode) instead of batch "
+            "statistics as in training.",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     split: SplitOpt = "train",
     test_split: TestSplitOpt = "test",
@@ -282,6 +292,7 @@ def gradients(
             grouping=grouping,
             layers=names,
             batch_size=batch_size,
+            norm_stats="running" if running_stats else "batch",
             device=device,
         )
     else:
@@ -296,6 +307,7 @@ def gradients(
                 grouping=grouping,
                 layers=names,
                 batch_size=batch_size,
+                norm_stats="running" if running_stats else "batch",
                 device=device,
                 on_progress=update,
             )

@@ -47,9 +47,10 @@ class GradientsReport(Report):
     """Per layer and epoch: norms of the summed flagged and clean gradients, their cosine.
 
     Norms are divided by sqrt(#parameters) of the layer. ``mode`` says how they were measured:
-    ``training`` (summed over the batches of each epoch while training, batch-norm in train
-    mode) or ``checkpoint`` (post hoc on saved weights, eval mode). An epoch is ``None`` for a
-    checkpoint whose epoch is unknown. ``cosine`` is ``None`` where a gradient is zero.
+    ``training`` (summed over the batches of each epoch while training) or ``checkpoint`` (post
+    hoc on saved weights, every example once). ``norm_stats`` says whether batch-norm used batch
+    statistics (as in training) or its running statistics (eval mode). An epoch is ``None`` for
+    a checkpoint whose epoch is unknown. ``cosine`` is ``None`` where a gradient is zero.
 
     Example:
         >>> row = LayerGradients(name="fc", params=10, flagged_norm=[0.5], clean_norm=[0.4],
@@ -68,6 +69,7 @@ class GradientsReport(Report):
     data: str
     grouping: Grouping
     mode: Literal["training", "checkpoint"]
+    norm_stats: Literal["batch", "running"] = "batch"
     n_flagged: int
     n_clean: int
     epochs: list[int | None]
