@@ -425,7 +425,7 @@ def _costs(scan: ScanReport, *, test: bool) -> list[tuple[int, float]]:
 def _label(index: int | None, names: Sequence[str] | None) -> str:
     if index is None:
         return ""
-    if names and 0 <= index < len(names):
+    if names and 0 <= index < len(names) and names[index] != str(index):
         return f"{index} · {names[index]}"
     return str(index)
 
@@ -723,9 +723,9 @@ def _settings(view: _View) -> str:
         }
         blocks.append(("Environment", _kv_table(env)))
     reports = {
-        f"{r.kind} report": f"memaudit {r.memaudit_version}, schema {r.schema_version}, "
+        role: f"{r.kind}, memaudit {r.memaudit_version}, schema {r.schema_version}, "
         f"{r.created.isoformat()}"
-        for r in _all(view)
+        for role, r in _roles(view)
     }
     blocks.append(("Embedded reports", _kv_table(reports)))
     inner = "".join(f"<div><h3>{e(h)}</h3>{t}</div>" for h, t in blocks)
@@ -735,13 +735,13 @@ def _settings(view: _View) -> str:
     )
 
 
-def _all(view: _View) -> list[Report]:
-    found: list[Report | None] = [
-        view.audit,
-        view.scan,
-        view.rescan,
-        *view.comparisons,
-        *view.unlearns,
-        *view.probes,
+def _roles(view: _View) -> list[tuple[str, Report]]:
+    found: list[tuple[str, Report | None]] = [
+        ("audit", view.audit),
+        ("scan", view.scan),
+        ("rescan (unlearned model)", view.rescan),
+        *((f"comparison scan {i + 1}", c) for i, c in enumerate(view.comparisons)),
+        *((f"unlearning: {u.method}", u) for u in view.unlearns),
+        *((f"probe: {p.kind}", p) for p in view.probes),
     ]
-    return [r for r in found if r is not None]
+    return [(role, r) for role, r in found if r is not None]
