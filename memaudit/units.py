@@ -48,6 +48,10 @@ def _unit_axis(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _is_mha(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention)
+
+
 def last_unit_layer(model: nn.Module) -> str | None:
     """Name of the last conv/linear module in registration order (the head of a plain model)."""
     names = [name for name, module in model.named_modules() if _unit_axis(module) is not None]
@@ -65,6 +69,8 @@ class UnitSpace:
 
     def __init__(self, model: nn.Module, *, exclude: Iterable[str] = ()) -> None:
         skip = set(exclude)
+        # nn.MultiheadAttention applies its out_proj weights functionally: no hook would fire.
+        skip.update(f"{name}.out_proj" for name, m in model.named_modules() if _is_mha(m))
         layers: list[Layer] = []
         offset = 0
         for name, module in model.named_modules():

@@ -80,10 +80,13 @@ def hf_config(kind: str, *, num_labels: int = 4, num_channels: int = 3) -> objec
     raise ValueError(kind)
 
 
-def save_hf(kind: str, path: Path, *, processor: bool = False, **config: int) -> Path:
+def save_hf(
+    kind: str, path: Path, *, processor: bool = False, seed: int = 0, **config: int
+) -> Path:
     """Build a tiny HF image classifier from config and ``save_pretrained`` it to ``path``."""
     from transformers import AutoModelForImageClassification, ViTImageProcessor
 
+    torch.manual_seed(seed)
     net = AutoModelForImageClassification.from_config(hf_config(kind, **config))
     net.save_pretrained(path)
     if processor:
