@@ -27,7 +27,10 @@ class SequentialResult:
     row: int
     flipped: bool
     units: list[int]  # flat indices of a UnitSpace of the model, in the order zeroed
-    seconds: float
+    reference_accuracy: float | None  # of the edited model, when it flipped
+    test_accuracy: float | None
+    seconds: float  # search and evaluation
+    eval_seconds: float  # evaluation alone
 
 
 def _unit_scores(model: Classifier, space: UnitSpace) -> torch.Tensor:
@@ -45,6 +48,17 @@ def _unit_scores(model: Classifier, space: UnitSpace) -> torch.Tensor:
     return torch.cat(parts).detach()
 
 
+@torch.no_grad()
+def _accuracy(
+    net: Classifier, data: ImageDataset, rows: torch.Tensor, device: torch.device
+) -> float:
+    correct = sum(
+        int((net(data.batch(c, device)).argmax(1) == data.labels[c].to(device)).sum())
+        for c in rows.split(512)
+    )
+    return correct / max(1, len(rows))
+
+
 def sequential_flip(
     model: Classifier,
     data: ImageDataset,
@@ -53,8 +67,10 @@ def sequential_flip(
     *,
     max_units: int,
     device: torch.device,
+    test: ImageDataset | None = None,
+    test_rows: torch.Tensor | None = None,
 ) -> SequentialResult:
-    """The authors' greedy weight-zeroing search for one example."""
+    """The authors' greedy weight-zeroing search for one example, then the edit's accuracy."""
     start = time.perf_counter()
     net = copy.deepcopy(model).to(device).eval()
     space = net.units()
@@ -78,4 +94,12 @@ def sequential_flip(
         best = int(scores.argmax())
         zero_unit_weights(net.net, space, [best])
         zeroed.append(best)
-    return SequentialResult(row, flipped, zeroed, time.perf_counter() - start)
+    evaluated = time.perf_counter()
+    ref_acc = _accuracy(net, data, reference_rows, device) if flipped else None
+    test_acc = (
+        _accuracy(net, test, test_rows, device)
+        if flipped and test is not None and test_rows is not None
+        else None
+    )
+    end = time.perf_counter()
+    return SequentialResult(row, flipped, zeroed, ref_acc, test_acc, end - start, end - evaluated)
