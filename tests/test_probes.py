@@ -259,7 +259,7 @@ def test_rewinding_loads_one_group_and_restores_it(bed: Path) -> None:
 def test_retraining_touches_only_the_chosen_group(
     bed: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import memaudit.probes as probes
+    import memaudit.probes._rewind as probes
 
     model, data = _load(bed)
     before = _state(model)

@@ -81,9 +81,9 @@ class LayerRewind(_Row):
 
     name: str
     params: int
-    flagged: list[float]
-    clean: list[float]
-    test: list[float] | None = None
+    flagged: list[float | None]
+    clean: list[float | None]
+    test: list[float | None] | None = None
 
 
 class RewindReport(Report):
@@ -114,7 +114,7 @@ class RewindReport(Report):
     epochs: list[int]
     layers: list[LayerRewind]
 
-    def flagged_at(self, epoch: int) -> dict[str, float]:
+    def flagged_at(self, epoch: int) -> dict[str, float | None]:
         """Layer -> flagged accuracy when rewound to ``epoch`` (one bar chart)."""
         column = self.epochs.index(epoch)
         return {layer.name: layer.flagged[column] for layer in self.layers}
