@@ -47,6 +47,9 @@ class ScoreContext:
     reference_grad: torch.Tensor  # [U] d mean CE(reference) / d m at m = 1
     settings: ScanSettings
     generator: torch.Generator
+    # Logits at the current mask, left by a scorer whose forward computed them anyway, so the
+    # search can check for flips without another forward pass.
+    logits: torch.Tensor | None = None
 
 
 Scorer = Callable[[ScoreContext], torch.Tensor]
@@ -65,8 +68,13 @@ def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
     return add
 
 
-def target_objective(ctx: ScoreContext, mask: torch.Tensor) -> torch.Tensor:
-    """``-CE`` of each example under its mask row, averaged over noisy copies if asked: ``[A]``."""
+def target_objective(
+    ctx: ScoreContext, mask: torch.Tensor, *, at_current_mask: bool = False
+) -> torch.Tensor:
+    """``-CE`` of each example under its mask row, averaged over noisy copies if asked: ``[A]``.
+
+    With ``at_current_mask`` (``mask`` equals ``ctx.mask``) the clean logits are kept on ``ctx``.
+    """
     copies = ctx.settings.noise_copies
     x, y, rows = ctx.x, ctx.y, mask
     if copies:
@@ -75,7 +83,10 @@ def target_objective(ctx: ScoreContext, mask: torch.Tensor) -> torch.Tensor:
         x = x + ctx.settings.noise_std * noise
         y, rows = y.repeat_interleave(copies), mask.repeat_interleave(copies, 0)
     ctx.masks.mask = rows
-    loss = F.cross_entropy(ctx.model(x).float(), y, reduction="none")
+    logits = ctx.model(x).float()
+    if at_current_mask and not copies:
+        ctx.logits = logits.detach()
+    loss = F.cross_entropy(logits, y, reduction="none")
     return -loss.view(len(ctx.y), -1).mean(1)
 
 
@@ -83,7 +94,7 @@ def target_objective(ctx: ScoreContext, mask: torch.Tensor) -> torch.Tensor:
 def grad_x_act(ctx: ScoreContext) -> torch.Tensor:
     """The paper's first-order estimate: ``dL/dm``, i.e. gradient x activation per unit."""
     mask = ctx.mask.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(target_objective(ctx, mask).sum(), mask)
+    (grad,) = torch.autograd.grad(target_objective(ctx, mask, at_current_mask=True).sum(), mask)
     return grad + ctx.settings.reference_weight * ctx.reference_grad
 
 
@@ -178,8 +189,15 @@ def greedy_search(
     n_zeroed = step = 0
     while active.numel():
         mask = (~zeroed[active]).float()
-        pred = _predict(masks, model, x[active], mask)
-        flipped = pred != y[active]
+        ctx = ScoreContext(
+            model, masks, x[active], y[active], mask, reference_grad, settings, generator
+        )
+        # Score before checking for flips: the default scorer's forward also gives predictions.
+        scores = scorer(ctx) if n_zeroed < budget else None
+        pred = (
+            ctx.logits.argmax(1) if ctx.logits is not None else _predict(masks, model, ctx.x, mask)
+        )
+        flipped = pred != ctx.y
         done = flipped | (n_zeroed >= budget)
         for i, p, f in zip(
             active[done].tolist(), pred[done].tolist(), flipped[done].tolist(), strict=True
@@ -187,13 +205,10 @@ def greedy_search(
             found[i].status = Status.FLIPPED if f else Status.BUDGET_EXHAUSTED
             found[i].predicted_after, found[i].steps = p, step
             found[i].greedy = order[i, :n_zeroed].tolist()
-        active, mask = active[~done], mask[~done]
-        if not active.numel():
+        if scores is None or bool(done.all()):
             break
-        ctx = ScoreContext(
-            model, masks, x[active], y[active], mask, reference_grad, settings, generator
-        )
-        scores = scorer(ctx).masked_fill(zeroed[active], float("-inf"))
+        active, scores = active[~done], scores[~done]
+        scores = scores.masked_fill(zeroed[active], float("-inf"))
         k = min(settings.units_per_step, budget - n_zeroed)
         top = scores.topk(k, dim=1).indices
         zeroed[active.unsqueeze(1), top] = True
