@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -30,6 +30,10 @@ from memaudit.report._scan import (
     summarize,
 )
 from memaudit.testbed import accuracy, pick_device
+from memaudit.unlearn import UnlearnResult, unlearn
+
+if TYPE_CHECKING:
+    from memaudit.audit import AuditResult
 
 Progress = Callable[[int, int], None]
 _JOURNAL = "memaudit-scan-journal/1"
@@ -158,6 +162,32 @@ class Auditor:
                 device=str(self.device),
             ),
         )
+
+    def unlearn(
+        self, ids: Sequence[int], *, method: str = "example-tied-dropout", **options: Any
+    ) -> UnlearnResult:
+        """Remove what the model memorized about ``ids``; see :func:`memaudit.unlearn.unlearn`.
+
+        Returns the unlearned model (``.model``) and the before/after report (``.report``).
+        """
+        return unlearn(
+            self.model,
+            self.train,
+            self.train.rows(ids),
+            test=self.test,
+            method=method,
+            device=self.device,
+            **options,
+        )
+
+    def audit(self, ids: Sequence[int], **options: Any) -> AuditResult:
+        """Scan ``ids``, unlearn them, re-scan: one :class:`AuditReport` (``.report``).
+
+        ``options`` are those of :func:`memaudit.audit.audit` (method, gates, ...).
+        """
+        from memaudit.audit import audit  # the audit builds on the Auditor
+
+        return audit(self, ids, **options)
 
     def _model_summary(self) -> ModelSummary:
         space = self.model.units()
