@@ -186,20 +186,19 @@ def _from_npz(
         raise MemauditError(f"{path} is not a readable .npz file ({err})") from None
 
     def pick(given: str | None, names: Sequence[str], what: str) -> np.ndarray:
-        keys = (
-            [given]
-            if given
-            else [*(f"{split}_{n}" for n in names), *(f"{n}_{split}" for n in names), *names]
-        )
+        wanted = [given] if given else list(names)
+        keys = [*(f"{split}_{n}" for n in wanted), *(f"{n}_{split}" for n in wanted)]
+        if split == "train":  # unprefixed arrays are the (only) training split
+            keys += wanted
         for key in keys:
             if key in arrays:
                 return np.asarray(arrays[key])
-        error = (
-            MissingSplitError
-            if any(k.startswith(("train", "x_", "y_")) for k in arrays.files)
-            else MemauditError
-        )
-        raise error(
+        if split != "train":
+            raise MissingSplitError(
+                f"{path} has no {what} array for split {split!r} "
+                f"(arrays: {', '.join(arrays.files)}); pick another with --split"
+            )
+        raise MemauditError(
             f"{path} has no {what} array for split {split!r} (arrays: {', '.join(arrays.files)}); "
             f"name it with --{what}-column"
         )
