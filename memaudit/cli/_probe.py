@@ -156,6 +156,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -189,20 +193,23 @@ def gradients_table(report: GradientsReport) -> Table:
 
 
 def rewind_table(report: RewindReport, *, max_columns: int = 6) -> Table:
-    """Per layer: flagged / clean accuracy when rewound to (up to ``max_columns``) epochs."""
+    """Per layer: flagged accuracy when rewound to (up to ``max_columns``) epochs, and clean
+    accuracy when rewound to the earliest (the JSON report has every cell)."""
     step = max(1, -(-len(report.epochs) // max_columns))
     shown = list(range(0, len(report.epochs), step))
-    table = Table(title="layer rewinding: flagged / clean accuracy")
-    table.add_column("layer", no_wrap=True)
-    table.add_column("params", justify="right")
+    first = report.epochs[0]
+    table = Table(title="layer rewinding: flagged accuracy % (given labels), layer set to epoch e")
+    width = max((len(row.name) for row in report.layers), default=5)
+    table.add_column("layer", no_wrap=True, min_width=min(width, 24))
     for j in shown:
-        table.add_column(f"epoch {report.epochs[j]}", justify="right")
+        table.add_column(f"e{report.epochs[j]}", justify="right", no_wrap=True)
+    table.add_column(f"clean e{first}", justify="right", no_wrap=True)
     for row in report.layers:
-        cells = [f"{_pct(row.flagged[j])} / {_pct(row.clean[j])}" for j in shown]
-        table.add_row(row.name, f"{row.params:,}", *cells)
+        cells = [_share(row.flagged[j]) for j in shown]
+        table.add_row(row.name, *cells, _share(row.clean[0]))
     b = report.baseline
     table.caption = (
-        f"final model: {_pct(b.flagged)} / {_pct(b.clean)} (test {_pct(b.test)}); "
+        f"final model: flagged {_pct(b.flagged)}, clean {_pct(b.clean)}, test {_pct(b.test)}; "
         f"{report.n_flagged} flagged, {report.n_clean} clean rows"
     )
     return table
@@ -229,7 +236,10 @@ def retrain_table(report: RetrainReport) -> Table:
             _pct(row.retrained.clean),
         )
     b = report.baseline
-    table.caption = f"final model: flagged {_pct(b.flagged)}, clean {_pct(b.clean)}"
+    table.caption = (
+        f"final model: flagged {_pct(b.flagged)}, clean {_pct(b.clean)}; recovered = retrained"
+        " minus rewound flagged accuracy"
+    )
     return table
 
 
