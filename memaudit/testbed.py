@@ -241,6 +241,7 @@ def build_testbed(
 ) -> TestbedResult:
     """Build the label-noise testbed in ``out`` and train a model that memorizes the noise."""
     cfg = config or TestbedConfig()
+    device = pick_device(device)  # fail on a bad device before writing anything
     start = time.perf_counter()
     root = Path(out)
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -260,14 +261,13 @@ def build_testbed(
         comment=f"training rows of {data_path.name} whose labels were corrupted (seed {cfg.seed})",
     )
 
-    channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[-1])
-    if channels not in (1, 3):
-        channels = int(arrays["train_images"].shape[1])
+    # mnist arrays are [N, H, W]; datasets read from disk are [N, C, H, W].
+    channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[1])
     model = build_model(
         cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
     )
     mean, std = (MNIST_MEAN, MNIST_STD) if cfg.data == "mnist" else ((0.5,), (0.5,))
-    size = cfg.image_size or int(arrays["train_images"].shape[1])
+    size = cfg.image_size or int(arrays["train_images"].shape[-1])
     model.info.preprocess = Preprocess(image_size=size, mean=mean, std=std)
     model.info.class_names = (
         [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None

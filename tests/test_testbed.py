@@ -1,0 +1,139 @@
+"""The label-noise testbed: the noise rule, a tiny end-to-end run, and (slow) the default run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memaudit.cli._common import load_inputs
+from memaudit.data import load_dataset, read_ids
+from memaudit.errors import MemauditError
+from memaudit.models import load_model
+from memaudit.testbed import (
+    TestbedConfig,
+    TestbedResult,
+    accuracy,
+    build_testbed,
+    label_noise,
+    load_testbed,
+    pick_device,
+)
+
+
+@pytest.mark.parametrize(("n", "fraction", "k"), [(1000, 0.1, 10), (37, 0.25, 3), (50, 0.5, 2)])
+def test_label_noise_never_keeps_the_true_label(n: int, fraction: float, k: int) -> None:
+    labels = torch.randint(0, k, (n,))
+    noisy, ids = label_noise(labels, fraction=fraction, num_classes=k, seed=3)
+    assert ids.numel() == round(fraction * n) and ids.unique().numel() == ids.numel()
+    assert torch.equal(ids, ids.sort().values)
+    assert (noisy[ids] != labels[ids]).all() and ((noisy >= 0) & (noisy < k)).all()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[ids] = False
+    assert torch.equal(noisy[rest], labels[rest])
+
+
+def test_label_noise_is_seeded_and_spreads_over_classes() -> None:
+    labels = torch.arange(10).repeat(100)
+    first, ids = label_noise(labels, fraction=0.1, num_classes=10, seed=0)
+    again, ids_again = label_noise(labels, fraction=0.1, num_classes=10, seed=0)
+    _, ids_other = label_noise(labels, fraction=0.1, num_classes=10, seed=1)
+    assert torch.equal(first, again) and torch.equal(ids, ids_again)
+    assert not torch.equal(ids, ids_other)
+    shifts = (first[ids] - labels[ids]) % 10
+    assert set(shifts.tolist()) == set(range(1, 10))  # r uniform in 1..K-1, all seen
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(MemauditError, match="unknown device"):
+        pick_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(MemauditError, match="no CUDA GPU"):
+            pick_device("cuda")
+
+
+def test_tiny_testbed_writes_everything(tiny_testbed: Path) -> None:
+    root = tiny_testbed
+    for name in ("data.npz", "noisy_ids.txt", "model.safetensors", "testbed.json"):
+        assert (root / name).is_file(), name
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == [
+        "epoch_000.safetensors",
+        "epoch_001.safetensors",
+    ]
+    result = TestbedResult.model_validate_json((root / "testbed.json").read_text())
+    assert load_testbed(root) == result
+    assert (result.n_train, result.n_test, result.n_noisy) == (4000, 1000, 400)
+    for acc in (result.noisy_train_accuracy, result.clean_train_accuracy, result.test_accuracy):
+        assert 0 <= acc <= 1
+
+    arrays = np.load(root / "data.npz")
+    assert set(arrays.files) >= {
+        "train_images",
+        "train_labels",
+        "train_true_labels",
+        "test_images",
+        "test_labels",
+        "class_names",
+    }
+    noisy = read_ids(root / "noisy_ids.txt")
+    changed = np.flatnonzero(arrays["train_labels"] != arrays["train_true_labels"])
+    assert noisy == changed.tolist()
+
+
+def test_tiny_testbed_reloads_with_no_flags(tiny_testbed: Path) -> None:
+    result = load_testbed(tiny_testbed)
+    assert result is not None
+    model = load_model(tiny_testbed / "model.safetensors")
+    assert model.info.arch == "memaudit:resnet9" and model.info.arch_config == {"width": 4}
+    assert model.info.class_names == [str(i) for i in range(10)]
+    assert model.info.preprocess is not None and model.info.preprocess.image_size == 28
+    assert model.info.train_data is not None
+    assert Path(model.info.train_data.source) == (tiny_testbed / "data.npz").resolve()
+
+    inputs = load_inputs(str(tiny_testbed / "model.safetensors"), data=None)
+    assert inputs.test is not None and len(inputs.train) == 4000 and len(inputs.test) == 1000
+    noisy = torch.tensor(read_ids(tiny_testbed / "noisy_ids.txt"))
+    measured = accuracy(inputs.model, inputs.train, noisy, device="cpu")
+    assert measured == pytest.approx(result.noisy_train_accuracy)
+
+    first = load_model(tiny_testbed / "checkpoints" / "epoch_000.safetensors")
+    assert first.info.train_data == model.info.train_data
+
+
+def test_testbed_on_a_dataset_from_disk(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "src.npz",
+        train_images=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
+        train_labels=np.arange(40) % 4,
+        test_images=rng.integers(0, 256, (12, 8, 8, 3), dtype=np.uint8),
+        test_labels=np.arange(12) % 4,
+    )
+    config = TestbedConfig(
+        data=str(tmp_path / "src.npz"), epochs=1, noise=0.25, arch_config={"width": 2}
+    )
+    result = build_testbed(tmp_path / "tb", config, device="cpu")
+    assert (result.n_train, result.n_test, result.n_noisy) == (40, 12, 10)
+    model = load_model(result.model)
+    assert model.info.in_chans == 3 and model.info.num_classes == 4
+    assert load_dataset(result.data, model=model).images.shape == (40, 3, 8, 8)
+
+
+def test_bad_device_fails_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(MemauditError, match="unknown device"):
+        build_testbed(tmp_path / "tb", TestbedConfig(epochs=1), device="tpu9")
+    assert not (tmp_path / "tb").exists()
+
+
+@pytest.mark.slow
+def test_default_testbed_memorizes(tmp_path: Path) -> None:
+    result = build_testbed(tmp_path, TestbedConfig(), device="cpu")
+    summary = json.loads((tmp_path / "testbed.json").read_text())
+    assert summary["noisy_train_accuracy"] == result.noisy_train_accuracy
+    assert result.noisy_train_accuracy >= 0.95  # the model memorized the wrong labels
+    assert result.clean_train_accuracy >= 0.95 and result.test_accuracy >= 0.9
