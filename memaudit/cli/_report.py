@@ -1,3 +1,318 @@
-"""``memaudit report`` commands."""
+"""``memaudit report``, ``memaudit audit`` and ``memaudit schema``."""
 
 from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from memaudit.audit import AuditResult, audit
+from memaudit.auditor import Auditor
+from memaudit.cli._app import app, err, out
+from memaudit.cli._common import (
+    ArchOpt,
+    DataOpt,
+    DeviceOpt,
+    FlaggedOpt,
+    ImageSizeOpt,
+    MeanOpt,
+    ModelArg,
+    SplitOpt,
+    StdOpt,
+    TestSplitOpt,
+    TrustPickleOpt,
+    load_inputs,
+)
+from memaudit.cli._testbed import progress
+from memaudit.data import read_ids
+from memaudit.errors import MemauditError
+from memaudit.report import KINDS, AuditReport, Report, ScanSettings
+from memaudit.report._audit import StageTime
+from memaudit.report.html import Page, read_html, write_html
+from memaudit.report.markdown import render_markdown
+
+ARGV: list[str] = []  # the arguments main() was given, for the report's command line
+
+
+class GateFailed(Exception):
+    """An audit ran to the end but a gate failed (exit code 1; not an error of the audit)."""
+
+
+class ImagesMode(str, Enum):
+    NONE = "none"
+    THUMB = "thumb"
+
+
+def command_line() -> str:
+    """The exact command that is running, as a shell would take it."""
+    return shlex.join(["memaudit", *(ARGV or sys.argv[1:])])
+
+
+# --- memaudit report --------------------------------------------------------------------------
+
+
+def _read(paths: list[Path]) -> Page:
+    reports: list[Report] = []
+    thumbs: dict[int, str] = {}
+    for path in paths:
+        if path.suffix.lower() in (".html", ".htm"):
+            page = read_html(path)
+            reports += page.reports
+            thumbs.update(page.thumbnails)
+        else:
+            from memaudit.report import read_json
+
+            reports.append(read_json(path))
+    return Page(reports=reports, thumbnails=thumbs)
+
+
+@app.command()
+def report(
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Report files: JSON reports or memaudit HTML pages.", show_default=False
+        ),
+    ],
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Write one self-contained HTML page here.")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Re-export the (single) report as JSON here.")
+    ] = None,
+    md_path: Annotated[
+        Path | None, typer.Option("--md", help="Write a short Markdown summary here.")
+    ] = None,
+    localized_units: Annotated[
+        int | None,
+        typer.Option(
+            help="'Localized' means flips with at most N units (default: 5 or the audit's)."
+        ),
+    ] = None,
+) -> None:
+    """Render reports as one HTML page (or re-export them); prints a Markdown summary otherwise.
+
+    Scans after the first are shown as comparison groups; an HTML page written by memaudit can be
+    read back (``memaudit report audit.html --json audit.json``).
+    """
+    page = _read(files)
+    if html_path is not None:
+        written = write_html(
+            html_path,
+            *page.reports,
+            images=page.thumbnails or None,
+            localized_units=localized_units,
+        )
+        err.print(f"HTML report written to {written}")
+    if json_path is not None:
+        if len(page.reports) != 1:
+            kinds = ", ".join(r.kind for r in page.reports)
+            raise MemauditError(f"--json exports one report; the files hold {kinds}")
+        err.print(f"JSON report written to {page.reports[0].to_json(json_path)}")
+    summary = render_markdown(*page.reports, localized_units=localized_units)
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(summary + "\n")
+        err.print(f"Markdown summary written to {md_path}")
+    if html_path is None and json_path is None and md_path is None:
+        out.print(summary, markup=False, highlight=False)
+
+
+@app.command()
+def schema(
+    kind: Annotated[str, typer.Argument(help=f"Report kind: {', '.join(KINDS)}.")],
+) -> None:
+    """Print the JSON Schema of a report kind."""
+    from memaudit.report import report_class
+
+    out.print_json(json.dumps(report_class(kind).model_json_schema()))
+
+
+# --- memaudit audit ---------------------------------------------------------------------------
+
+
+def audit_table(report: AuditReport) -> Table:
+    """What a person reads at the end of ``memaudit audit``."""
+    v = report.verdict
+    table = Table(title=f"audit of {v.n_flagged} flagged examples")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("predicted as given label (before)", f"{v.n_correct_before} of {v.n_flagged}")
+    table.add_row(
+        f"localized (flip with <= {v.localized_units} units)",
+        f"{v.n_localized} ({v.localized_fraction:.0%})",
+    )
+    table.add_row("median units to flip", "-" if v.median_units is None else f"{v.median_units:g}")
+    if report.unlearn is not None:
+        u = report.unlearn
+        table.add_row(
+            f"flagged accuracy ({u.method})",
+            f"{u.before.flagged_accuracy:.1%} -> {u.after.flagged_accuracy:.1%}",
+        )
+        table.add_row(
+            "retained accuracy",
+            f"{u.before.retained_accuracy:.1%} -> {u.after.retained_accuracy:.1%}",
+        )
+        if u.before.test_accuracy is not None and u.after.test_accuracy is not None:
+            table.add_row(
+                "test accuracy", f"{u.before.test_accuracy:.1%} -> {u.after.test_accuracy:.1%}"
+            )
+    if v.n_localized_after is not None:
+        table.add_row("still localized after unlearning", str(v.n_localized_after))
+    return table
+
+
+def _scan_settings(values: dict[str, Any]) -> ScanSettings:
+    try:
+        return ScanSettings(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise MemauditError(
+            f"invalid scan option --{where.replace('_', '-')}: {first['msg']}"
+        ) from None
+
+
+def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
+    """The audit with one progress bar per stage (on stderr)."""
+    with progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, status="")
+            bar.update(tasks[stage], completed=done, total=total)
+
+        return audit(auditor, ids, on_progress=on_progress, **kw)
+
+
+@app.command("audit")
+def audit_command(
+    model: ModelArg,
+    flagged: FlaggedOpt,
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", help="Directory for audit.json, .html, .md and the model.")
+    ],
+    data: DataOpt = None,
+    method: Annotated[
+        str, typer.Option("--method", help="Unlearning method (see memaudit unlearn --help).")
+    ] = "example-tied-dropout",
+    no_unlearn: Annotated[
+        bool, typer.Option("--no-unlearn", help="Scan only: skip unlearning and the re-scan.")
+    ] = False,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Unlearning epochs (default: the method's).")
+    ] = None,
+    compare_retrain: Annotated[
+        bool, typer.Option("--compare-retrain", help="Also retrain without the flagged ids (slow).")
+    ] = False,
+    max_flagged_accuracy: Annotated[
+        float | None,
+        typer.Option(help="Gate: fail (exit 1) if flagged accuracy after unlearning is above X."),
+    ] = None,
+    max_localized_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate: fail (exit 1) if more than this share of flagged examples flip with "
+            "<= --localized-units units (before unlearning)."
+        ),
+    ] = None,
+    localized_units: Annotated[
+        int, typer.Option(help="N: an example is localized when it flips with <= N units.")
+    ] = 5,
+    compare: Annotated[
+        int, typer.Option(help="Also scan this many random non-flagged ids for comparison.")
+    ] = 0,
+    images: Annotated[
+        ImagesMode,
+        typer.Option(
+            help="Thumbnails of flagged images in the HTML (they are sensitive: none by default)."
+        ),
+    ] = ImagesMode.NONE,
+    max_units: Annotated[int, typer.Option(help="Scan: unit budget per example.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Scan: flagged examples searched together.")] = 64,
+    scorer: Annotated[str, typer.Option(help="Scan: unit scorer.")] = "grad-x-act",
+    seed: Annotated[int, typer.Option(help="Seed of the scan and of unlearning.")] = 0,
+    arch: ArchOpt = None,
+    split: SplitOpt = "train",
+    test_split: TestSplitOpt = "test",
+    image_size: ImageSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    trust_pickle: TrustPickleOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Scan the flagged ids, unlearn them, re-scan; write audit.json/.html/.md and the model.
+
+    Exit codes: 0 passed, 1 a gate failed, 2 bad input or usage, 3 the audit itself failed.
+    """
+    command = command_line()
+    started, start = datetime.now(timezone.utc), time.perf_counter()
+    ids = read_ids(flagged)
+    inputs = load_inputs(
+        model,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        trust_pickle=trust_pickle,
+    )
+    inputs.train.rows(ids)  # out-of-range ids fail here, before any work
+    settings = _scan_settings(
+        {"max_units": max_units, "batch_size": batch_size, "scorer": scorer, "seed": seed}
+    )
+    auditor = Auditor(inputs.model, inputs.train, inputs.test, device=device)
+    load = StageTime(stage="load", started=started, seconds=time.perf_counter() - start)
+    options: dict[str, Any] = {"seed": seed, "compare_retrain": compare_retrain}
+    if epochs is not None:
+        options["epochs"] = epochs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = _run_audit(
+        auditor,
+        ids,
+        unlearn_method=method,
+        no_unlearn=no_unlearn,
+        localized_units=localized_units,
+        compare=compare,
+        scan_settings=settings,
+        unlearn_options=options,
+        max_flagged_accuracy=max_flagged_accuracy,
+        max_localized_fraction=max_localized_fraction,
+        out_model=None if no_unlearn else out_dir / "unlearned.safetensors",
+        command=command,
+        weights_file=Path(model) if Path(model).exists() else None,
+        flagged_file=flagged,
+        stages=[load],
+    )
+    _write_outputs(
+        result.report, out_dir, images=inputs.train if images is ImagesMode.THUMB else None
+    )
+    out.print(audit_table(result.report))
+    for gate in result.report.gates:
+        if gate.passed:
+            err.print(gate.message, highlight=False, markup=False)
+    failed = [g for g in result.report.gates if not g.passed]
+    if failed:
+        raise GateFailed("; ".join(g.message for g in failed))
+
+
+def _write_outputs(report: AuditReport, out_dir: Path, *, images: Any) -> None:
+    report.to_json(out_dir / "audit.json")
+    write_html(out_dir / "audit.html", report, images=images)
+    (out_dir / "audit.md").write_text(render_markdown(report) + "\n")
+    err.print(
+        f"audit written to {out_dir}/: audit.json, audit.html, audit.md"
+        + ("" if report.unlearn is None else ", unlearned.safetensors")
+    )

@@ -1,0 +1,230 @@
+"""``audit()``, ``memaudit audit``/``report``/``schema``: outputs, gates, exit codes, provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import memaudit.cli._report as report_cli
+from memaudit import Auditor, load_dataset, load_model
+from memaudit.audit import audit
+from memaudit.cli import main
+from memaudit.data import write_ids
+from memaudit.errors import MemauditError
+from memaudit.models import DataRef, Preprocess, build_model, save_model
+from memaudit.report import AuditReport, read_html
+from memaudit.report.markdown import md, render_markdown
+from memaudit.testbed import train
+
+FLAGGED = [1, 4, 7, 9]
+FAST = {"epochs": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread (and do not fight other jobs for cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model that memorized 32 random images with random labels, and its .npz data."""
+    root = tmp_path_factory.mktemp("audit")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (48, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 48)
+    np.savez(
+        root / "data.npz",
+        train_images=images[:32],
+        train_labels=labels[:32],
+        test_images=images[32:],
+        test_labels=labels[32:],
+    )
+    torch.manual_seed(0)
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 4})
+    model.info.preprocess = Preprocess(mean=(0.5,), std=(0.5,))
+    train_set = load_dataset(root / "data.npz", split="train", model=model)
+    model = train(model, train_set, epochs=40, batch_size=32, device="cpu")
+    save_model(model, root / "model.safetensors", train_data=DataRef(source=str(root / "data.npz")))
+    return root
+
+
+@pytest.fixture()
+def bed(trained: Path, tmp_path: Path) -> dict[str, Path]:
+    for name in ("data.npz", "model.safetensors"):
+        (tmp_path / name).write_bytes((trained / name).read_bytes())
+    model = tmp_path / "model.safetensors"
+    data = tmp_path / "data.npz"
+    # The checkpoint records the module's data path; both copies hold the same arrays.
+    return {
+        "model": model,
+        "data": data,
+        "ids": write_ids(tmp_path / "ids.txt", FLAGGED),
+        "root": tmp_path,
+    }
+
+
+def _auditor(bed: dict[str, Path]) -> Auditor:
+    model = load_model(bed["model"])
+    data = bed["data"]
+    train = load_dataset(data, split="train", model=model)
+    test = load_dataset(data, split="test", model=model)
+    return Auditor(model, train, test, device="cpu")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_audit_scans_unlearns_and_rescans(bed: dict[str, Path]) -> None:
+    result = audit(
+        _auditor(bed),
+        FLAGGED,
+        unlearn_method="finetune",
+        unlearn_options=FAST,
+        compare=3,
+        max_localized_fraction=1.0,
+        flagged_file=bed["ids"],
+        out_model=bed["root"] / "out.safetensors",
+    )
+    r = result.report
+    assert result.model is not None and r.unlearn is not None and r.rescan is not None
+    assert [x.id for x in r.rescan.examples] == FLAGGED
+    assert r.comparison is not None and not set(x.id for x in r.comparison.examples) & set(FLAGGED)
+    assert r.verdict.n_flagged == 4 and r.verdict.n_correct_before == 4
+    assert r.verdict.n_localized == 4  # memorized random labels flip with a unit or two
+    assert r.gates[0].name == "max-localized-fraction" and r.passed
+    p = r.provenance
+    assert p.weights is not None and p.weights.sha256 == _sha(bed["model"])
+    assert p.flagged_ids is not None and p.flagged_ids.sha256 == _sha(bed["ids"])
+    assert p.unlearned_model is not None and p.unlearned_model.sha256 == _sha(
+        bed["root"] / "out.safetensors"
+    )
+    assert {"torch", "memaudit", "python"} <= set(p.versions)
+    assert [s.stage for s in p.stages] == ["scan", "comparison", "unlearn", "save", "rescan"]
+    assert p.seeds == {"scan": 0, "unlearn": 0}
+    load_model(bed["root"] / "out.safetensors")  # the unlearned model reloads with no flags
+    assert AuditReport.model_validate_json(r.model_dump_json()) == r
+
+
+def test_no_unlearn_and_bad_options(bed: dict[str, Path]) -> None:
+    auditor = _auditor(bed)
+    result = audit(auditor, FLAGGED, no_unlearn=True, localized_units=1)
+    assert result.model is None and result.report.unlearn is None and result.report.rescan is None
+    assert "not run" in render_markdown(result.report)
+    with pytest.raises(MemauditError, match="drop --no-unlearn"):
+        audit(auditor, FLAGGED, no_unlearn=True, max_flagged_accuracy=0.1)
+    with pytest.raises(MemauditError, match=r"fraction in \[0, 1\]"):
+        audit(auditor, FLAGGED, no_unlearn=True, max_localized_fraction=5)
+    with pytest.raises(MemauditError, match="no flagged ids"):
+        audit(auditor, [], no_unlearn=True)
+
+
+def _cli(bed: dict[str, Path], *extra: str) -> int:
+    return main(
+        [
+            "audit",
+            str(bed["model"]),
+            "--flagged",
+            str(bed["ids"]),
+            "--out-dir",
+            str(bed["root"] / "out"),
+            "--data",
+            str(bed["data"]),
+            "--device",
+            "cpu",
+            "--max-units",
+            "16",
+            *extra,
+        ]
+    )
+
+
+def test_cli_audit_writes_everything_and_reports_round_trip(
+    bed: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = _cli(bed, "--method", "finetune", "--epochs", "1", "--images", "thumb")
+    assert rc == 0
+    out = bed["root"] / "out"
+    assert {p.name for p in out.iterdir()} >= {
+        "audit.json",
+        "audit.html",
+        "audit.md",
+        "unlearned.safetensors",
+    }
+    report = AuditReport.from_json(out / "audit.json")
+    command = report.provenance.command or ""
+    assert command.startswith("memaudit audit ") and "--images thumb" in command
+    assert report.provenance.stages[0].stage == "load"
+    page = read_html(out / "audit.html")
+    assert page.reports == [report] and len(page.thumbnails) == len(FLAGGED)
+    assert "## memaudit audit report" in (out / "audit.md").read_text()
+    # memaudit report: re-export the JSON from the HTML, re-render, summarize
+    assert main(["report", str(out / "audit.html"), "--json", str(out / "again.json")]) == 0
+    assert AuditReport.from_json(out / "again.json") == report
+    assert main(["report", str(out / "audit.json"), "--html", str(out / "again.html")]) == 0
+    assert read_html(out / "again.html").reports == [report]
+    capsys.readouterr()
+    assert main(["report", str(out / "audit.json")]) == 0
+    assert "**Verdict**" in capsys.readouterr().out
+
+
+def test_cli_audit_images_are_off_by_default(bed: dict[str, Path]) -> None:
+    assert _cli(bed, "--no-unlearn") == 0
+    out = bed["root"] / "out"
+    assert "<img" not in (out / "audit.html").read_text()
+    assert not (out / "unlearned.safetensors").exists()
+
+
+def test_cli_exit_codes(
+    bed: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1: a gate failed; one line says which and by how much, and the outputs are still written
+    capsys.readouterr()
+    assert _cli(bed, "--no-unlearn", "--max-localized-fraction", "0.5") == 1
+    lines = [x for x in capsys.readouterr().err.splitlines() if "gate" in x]
+    assert len(lines) == 1 and "--max-localized-fraction failed" in lines[0] and "pts" in lines[0]
+    assert (bed["root"] / "out" / "audit.json").exists()
+    # 2: bad input or usage
+    assert _cli(bed, "--no-unlearn", "--max-flagged-accuracy", "0.1") == 2
+    assert _cli(bed, "--max-localized-fraction", "1.5") == 2
+    assert _cli(bed, "--no-unlearn", "--max-units", "0") == 2
+    assert main(["audit", str(bed["model"]), "--flagged", "missing.txt", "--out-dir", "x"]) == 2
+
+    # 3: the audit itself failed (a crash never looks like a failed gate)
+    def crash(*args: object, **kw: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(report_cli, "audit", crash)
+    capsys.readouterr()
+    assert _cli(bed, "--no-unlearn") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "RuntimeError: boom" in err[0]
+
+
+def test_schema_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for kind in ("scan", "unlearn", "audit", "gradients", "rewind", "retrain"):
+        assert main(["schema", kind]) == 0
+        schema = json.loads(capsys.readouterr().out)
+        assert schema["properties"]["kind"]["const"] == kind
+    assert main(["schema", "nope"]) == 2
+
+
+def test_report_command_errors(tmp_path: Path) -> None:
+    not_report = tmp_path / "x.json"
+    not_report.write_text('{"a": 1}')
+    assert main(["report", str(not_report), "--html", str(tmp_path / "x.html")]) == 2
+    assert main(["report", str(tmp_path / "missing.json")]) == 2
+
+
+def test_markdown_escapes_strings() -> None:
+    assert md("<script>|*x*") == "&lt;script&gt;\\|\\*x\\*"
