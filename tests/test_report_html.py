@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 import re
@@ -220,7 +222,12 @@ def _scripts(page: str) -> list[str]:
 
 def test_page_is_self_contained(tmp_path: Path) -> None:
     page = render_html(synthetic_audit())
-    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'' in page
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
+    assert csp and csp.group(1).startswith("default-src 'none'; img-src data:;")
+    # Only memaudit's own script may run, pinned by its hash (no 'unsafe-inline' scripts).
+    (script,) = _scripts(page)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp.group(1)
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # no network URL anywhere
     assert "http://" not in page.replace("http://www.w3.org", "")
     assert page.count("<svg") >= 4  # units histogram, layers, accuracy bars, edit cost

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 import os
@@ -32,8 +34,8 @@ from memaudit.report._unlearn import UnlearnReport
 LOCALIZED_UNITS = 5  # the paper: about 5 units flip a memorized example
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-    "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
-)
+    "script-src 'sha256-{script}'; base-uri 'none'; form-action 'none'"
+)  # only memaudit's own script (by hash) may run: an injected inline script would not
 Images = Mapping[int, str] | Any  # id -> data: URI, or an ImageDataset to take thumbnails from
 _ASSETS = Path(__file__).parent
 
@@ -116,15 +118,16 @@ def render_html(
     if comparison is not None:
         data += "\n" + _json_script(comparison)
     heading = e(title or _title(view))
+    script = _asset("report.js")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+        f'<meta http-equiv="Content-Security-Policy" content="{_csp(script)}">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f'<meta name="generator" content="memaudit {e(__version__)}">\n'
         '<link rel="icon" href="data:,">\n'
         f"<title>{heading}</title>\n<style>{_asset('report.css')}</style>\n</head>\n<body>\n"
         f'<main class="memaudit">\n{body}\n</main>\n{data}\n'
-        f"<script>{_asset('report.js')}</script>\n</body>\n</html>\n"
+        f"<script>{script}</script>\n</body>\n</html>\n"
     )
 
 
@@ -206,6 +209,11 @@ def read_reports(path: str | os.PathLike[str]) -> list[Report]:
 
 def _asset(name: str) -> str:
     return (_ASSETS / name).read_text(encoding="utf-8")
+
+
+def _csp(script: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return CSP.format(script=digest)
 
 
 def _json_script(report: Report) -> str:
