@@ -7,7 +7,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-import click
+import typer
+from rich.markup import escape
 
 from memaudit.cli import _probe, _report, _scan, _testbed, _unlearn  # noqa: F401  (commands)
 from memaudit.cli._app import app, err
@@ -20,7 +21,7 @@ EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 def _show_warning(
     message: Warning | str, category: type[Warning], *args: object, **kw: object
 ) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,14 +35,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = app(args=list(argv) if argv is not None else None, standalone_mode=False)
     except MemauditError as error:
-        err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        # Messages hold paths and shapes like "[batch, classes]": print them, not as markup.
+        err.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return int(done.exit_code)
-    except click.ClickException as error:
-        error.show()
+    except typer.TyperException as error:  # typer's bundled click: usage errors, bad options
+        show = getattr(error, "show", None)
+        if callable(show):
+            show()
         return EXIT_USAGE
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         err.print("[red]interrupted[/]")
         return 130
     except GateFailed as failed:

@@ -96,7 +96,7 @@ def load_inputs(
 ) -> Inputs:
     """Load the model, then its data (``--data`` or the data its checkpoint records)."""
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    source = data
+    source, columns = data, {}
     if source is None:
         recorded = loaded.info.train_data
         if recorded is None:
@@ -106,11 +106,13 @@ def load_inputs(
             raise MemauditError(
                 f"the training data {source} that {model} records is gone; pass --data DATA"
             )
+        columns = {"image_column": recorded.image_column, "label_column": recorded.label_column}
     options = dict(
         model=loaded,
         image_size=image_size,
         mean=parse_floats(mean, "--mean"),
         std=parse_floats(std, "--std"),
+        **columns,
     )
     train = load_dataset(source, split=split, **options)  # type: ignore[arg-type]
     try:

@@ -11,7 +11,14 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import DeviceOpt
-from memaudit.testbed import EpochEnd, TestbedConfig, TestbedResult, build_testbed, load_testbed
+from memaudit.testbed import (
+    EpochEnd,
+    TestbedConfig,
+    TestbedResult,
+    build_testbed,
+    load_testbed,
+    pick_device,
+)
 
 
 def progress() -> Progress:
@@ -29,6 +36,7 @@ def progress() -> Progress:
 
 def run_testbed(out_dir: Path, config: TestbedConfig, device: str) -> TestbedResult:
     """Build the testbed with a progress bar."""
+    pick_device(device)  # a bad --device fails before the progress bar starts
     with progress() as bar:
         task = bar.add_task("training", total=config.epochs, status="")
 
