@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from memaudit._version import __version__
 from memaudit.report import _plots as plots
 from memaudit.report._audit import AuditReport, Verdict, verdict, verdict_sentences
 from memaudit.report._base import Report, ReportError
+from memaudit.report._html_parts import dl, e, figure, kv_table, probe_section
 from memaudit.report._kinds import from_dict, read_json
 from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
 from memaudit.report._scan import ExampleResult, ScanReport, Status
@@ -38,11 +38,6 @@ CSP = (
 )  # only memaudit's own script (by hash) may run: an injected inline script would not
 Images = Mapping[int, str] | Any  # id -> data: URI, or an ImageDataset to take thumbnails from
 _ASSETS = Path(__file__).parent
-
-
-def e(value: object) -> str:
-    """HTML-escape anything (quotes too, so it is safe in attributes)."""
-    return html.escape(str(value), quote=True)
 
 
 @dataclass
@@ -244,17 +239,11 @@ def _body(view: _View, thumbs: Mapping[int, str], *, title: str | None) -> str:
         _gates(view),
         _plots_section(view),
         _table(view, thumbs),
-        *(_probe(p) for p in view.probes),
+        *(probe_section(p) for p in view.probes),
         _settings(view),
         f"<footer>memaudit {e(__version__)} · self-contained page: no network access</footer>",
     ]
     return "\n".join(p for p in parts if p)
-
-
-def _dl(items: Sequence[tuple[str, str]]) -> str:
-    """A definition list; values are HTML already (callers escape)."""
-    rows = "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in items)
-    return f"<dl>{rows}</dl>"
 
 
 def _header(view: _View) -> str:
@@ -298,7 +287,7 @@ def _header(view: _View) -> str:
             "(made through the Python API or from report files)</span>",
         )
     )
-    return f'<section class="header">{_dl(items)}</section>'
+    return f'<section class="header">{dl(items)}</section>'
 
 
 def _verdict(view: _View) -> str:
@@ -342,10 +331,6 @@ def _gates(view: _View) -> str:
     return f'<section class="gates"><h2>Gates</h2><ul>{rows}</ul></section>'
 
 
-def _figure(svg: str, caption: str) -> str:
-    return f'<figure class="plot">{svg}<figcaption>{e(caption)}</figcaption></figure>'
-
-
 def _plots_section(view: _View) -> str:
     figures = []
     scan = view.scan
@@ -361,7 +346,7 @@ def _plots_section(view: _View) -> str:
         if retrain is not None:
             series["retrain"] = retrain.model_dump()
         figures.append(
-            _figure(
+            figure(
                 plots.accuracy_bars(series, title="Before and after unlearning"),
                 "Accuracy on the flagged (given labels), retained and test examples, and the "
                 "membership-inference AUC of flagged vs test (0.5: indistinguishable).",
@@ -383,7 +368,7 @@ def _scan_plots(view: _View, scan: ScanReport) -> list[str]:
     if view.rescan is not None and _flipped_units(view.rescan):
         groups["after unlearning"] = _flipped_units(view.rescan)
     figures = [
-        _figure(
+        figure(
             plots.units_histogram(groups, budget=scan.settings.max_units, title="Units to flip"),
             f"How many units must be zeroed to flip each prediction (budget "
             f"{scan.settings.max_units}); memorized examples need few.",
@@ -395,7 +380,7 @@ def _scan_plots(view: _View, scan: ScanReport) -> list[str]:
         name = "comparison" if i == 0 else f"comparison {i + 1}"
         per_layer[name] = {x.layer: x.count for x in other.summary.units_per_layer}
     figures.append(
-        _figure(
+        figure(
             plots.units_per_layer(layers, per_layer, title="Where the units sit"),
             "Share of the units found in each layer, in network order (input at the top).",
         )
@@ -406,7 +391,7 @@ def _scan_plots(view: _View, scan: ScanReport) -> list[str]:
         cost["comparison" if i == 0 else f"comparison {i + 1}"] = _costs(other, test=test)
     label = "test" if test else "reference"
     figures.append(
-        _figure(
+        figure(
             plots.edit_cost(cost, ylabel=f"{label} accuracy drop (pts)", title="Cost of each edit"),
             f"Accuracy points lost on the {label} examples when an example's units are zeroed.",
         )
@@ -531,154 +516,13 @@ def _thumbnails(view: _View, images: Images | None) -> dict[int, str]:
     return {i: plots.thumbnail(pixels[k].numpy()) for k, i in enumerate(ids)}
 
 
-# --- probes -----------------------------------------------------------------------------------
-
-
-def _probe(report: Report) -> str:
-    if isinstance(report, GradientsReport):
-        return _gradients(report)
-    if isinstance(report, RewindReport):
-        return _rewind(report)
-    if isinstance(report, RetrainReport):
-        return _retrain(report)
-    return ""
-
-
-def _epochs(epochs: Sequence[int | None]) -> list[str]:
-    return ["?" if x is None else str(x) for x in epochs]
-
-
-def _gradients(r: GradientsReport) -> str:
-    names = [x.name for x in r.layers]
-    ratio = [
-        [
-            f / c if f is not None and c else None
-            for f, c in zip(x.flagged_norm, x.clean_norm, strict=True)
-        ]
-        for x in r.layers
-    ]
-    top = max([v for row in ratio for v in row if v is not None] or [1.0])
-    figures = [
-        _figure(
-            plots.heatmap(
-                names,
-                _epochs(r.epochs),
-                [x.cosine for x in r.layers],
-                label="cosine(flagged, clean)",
-                vmin=-1,
-                vmax=1,
-                cmap="RdBu",
-                title="Gradient cosine per layer and epoch",
-            ),
-            "Cosine similarity of the summed flagged and clean gradients (negative: they pull "
-            "in opposite directions).",
-        ),
-        _figure(
-            plots.heatmap(
-                names,
-                _epochs(r.epochs),
-                ratio,
-                label="flagged / clean norm",
-                vmin=0,
-                vmax=top,
-                title="Gradient norm ratio per layer and epoch",
-            ),
-            f"Norm of the flagged gradient over the clean one ({r.n_flagged} flagged, "
-            f"{r.n_clean} clean examples; norms per sqrt(#parameters)).",
-        ),
-    ]
-    return _section(
-        "Probe: gradient accounting",
-        r,
-        figures,
-        f"grouping {r.grouping.value}, measured during {r.mode}",
-    )
-
-
-def _rewind(r: RewindReport) -> str:
-    names = [x.name for x in r.layers]
-    figures = [
-        _figure(
-            plots.heatmap(
-                names,
-                [str(x) for x in r.epochs],
-                [x.flagged for x in r.layers],
-                label="flagged accuracy",
-                vmin=0,
-                vmax=1,
-                title="Flagged accuracy with one layer rewound",
-            ),
-            "Flagged (given-label) accuracy of the final model with one layer set to its weights "
-            "of an earlier epoch.",
-        )
-    ]
-    if r.epochs:
-        column = 0
-        figures.append(
-            _figure(
-                plots.layer_bars(
-                    names,
-                    {
-                        "flagged": [x.flagged[column] for x in r.layers],
-                        "clean": [x.clean[column] for x in r.layers],
-                    },
-                    xlabel=f"accuracy with the layer rewound to epoch {r.epochs[column]}",
-                    baseline=r.baseline.flagged,
-                    title="Rewinding one layer",
-                ),
-                "Red: flagged accuracy; blue: clean accuracy. A layer that held the memorization "
-                "would drop the red bar to near 0.",
-            )
-        )
-    return _section("Probe: layer rewinding", r, figures, f"grouping {r.grouping.value}")
-
-
-def _retrain(r: RetrainReport) -> str:
-    names = [x.name for x in r.layers]
-    figure = _figure(
-        plots.layer_bars(
-            names,
-            {
-                "rewound": [x.rewound.flagged for x in r.layers],
-                "retrained": [x.retrained.flagged for x in r.layers],
-            },
-            xlabel="flagged accuracy",
-            baseline=r.baseline.flagged,
-            title="Rewind, then retrain one layer on clean data",
-        ),
-        f"Flagged accuracy after rewinding each layer to epoch {r.rewind_epoch}, and after "
-        f"retraining it alone for {r.train_epochs} epochs on the clean examples.",
-    )
-    return _section("Probe: layer retraining", r, [figure], f"grouping {r.grouping.value}")
-
-
-def _section(heading: str, report: Any, figures: list[str], note: str) -> str:
-    return (
-        f'<section class="probe"><h2>{e(heading)}</h2><p class="muted">{e(report.model)} on '
-        f"{e(report.data)}; {e(note)}.</p>{''.join(figures)}</section>"
-    )
-
-
 # --- settings, timings, environment -----------------------------------------------------------
-
-
-def _kv_table(values: Mapping[str, Any]) -> str:
-    rows = "".join(f"<tr><th>{e(k)}</th><td>{e(_fmt(v))}</td></tr>" for k, v in values.items())
-    return f'<table class="kv">{rows}</table>'
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if value is None:
-        return "—"
-    return str(value)
 
 
 def _settings(view: _View) -> str:
     blocks = []
     if view.scan is not None:
-        blocks.append(("Scan settings", _kv_table(view.scan.settings.model_dump(mode="json"))))
+        blocks.append(("Scan settings", kv_table(view.scan.settings.model_dump(mode="json"))))
         t = view.scan.timing
         timing = {
             "scan seconds": t.seconds,
@@ -689,7 +533,7 @@ def _settings(view: _View) -> str:
             timing["rescan seconds"] = view.rescan.timing.seconds
         for i, c in enumerate(view.comparisons):
             timing[f"comparison scan {i + 1} seconds"] = c.timing.seconds
-        blocks.append(("Timing", _kv_table(timing)))
+        blocks.append(("Timing", kv_table(timing)))
     for u in view.unlearns:
         values = {
             "method": u.method,
@@ -701,11 +545,11 @@ def _settings(view: _View) -> str:
             "test": u.n_test,
             "unlearned model": u.out_model,
         }
-        blocks.append((f"Unlearning: {u.method}", _kv_table(values)))
+        blocks.append((f"Unlearning: {u.method}", kv_table(values)))
     if view.audit is not None:
         p = view.audit.provenance
         stages = {f"{s.stage} (s)": s.seconds for s in p.stages}
-        blocks.append(("Stages", _kv_table(stages)))
+        blocks.append(("Stages", kv_table(stages)))
         files = {
             "weights": p.weights,
             "flagged ids": p.flagged_ids,
@@ -714,7 +558,7 @@ def _settings(view: _View) -> str:
         blocks.append(
             (
                 "Files (SHA-256)",
-                _kv_table(
+                kv_table(
                     {
                         k: f"{v.path}  sha256:{v.sha256}  ({v.bytes:,} bytes)" if v else None
                         for k, v in files.items()
@@ -722,20 +566,20 @@ def _settings(view: _View) -> str:
                 ),
             )
         )
-        blocks.append(("Seeds", _kv_table(p.seeds)))
+        blocks.append(("Seeds", kv_table(p.seeds)))
         env = {
             **p.versions,
             "device": p.device,
             "device name": p.device_name,
             "platform": p.platform,
         }
-        blocks.append(("Environment", _kv_table(env)))
+        blocks.append(("Environment", kv_table(env)))
     reports = {
         role: f"{r.kind}, memaudit {r.memaudit_version}, schema {r.schema_version}, "
         f"{r.created.isoformat()}"
         for role, r in _roles(view)
     }
-    blocks.append(("Embedded reports", _kv_table(reports)))
+    blocks.append(("Embedded reports", kv_table(reports)))
     inner = "".join(f"<div><h3>{e(h)}</h3>{t}</div>" for h, t in blocks)
     return (
         f'<section class="settings"><h2>Settings, timings, environment</h2>'
