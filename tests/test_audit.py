@@ -228,3 +228,19 @@ def test_report_command_errors(tmp_path: Path) -> None:
 
 def test_markdown_escapes_strings() -> None:
     assert md("<script>|*x*") == "&lt;script&gt;\\|\\*x\\*"
+
+
+def test_report_command_renders_several_files(tmp_path: Path) -> None:
+    from test_report_html import probe_reports, synthetic_scan, synthetic_unlearn
+
+    files = []
+    for i, r in enumerate([synthetic_scan(8), synthetic_scan(8, seed=1), synthetic_unlearn()]):
+        files.append(str(r.to_json(tmp_path / f"r{i}.json")))
+    files.append(str(probe_reports()[1].to_json(tmp_path / "rewind.json")))
+    html_path, md_path = tmp_path / "all.html", tmp_path / "all.md"
+    assert main(["report", *files, "--html", str(html_path), "--md", str(md_path)]) == 0
+    kinds = [r.kind for r in read_html(html_path).reports]
+    assert kinds == ["scan", "scan", "unlearn", "rewind"]
+    text = md_path.read_text()
+    assert "For comparison, 8 non\\-flagged examples" in text and "after example" in text
+    assert main(["report", *files, "--json", str(tmp_path / "x.json")]) == 2  # one report only
