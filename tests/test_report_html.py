@@ -344,3 +344,8 @@ def test_created_date_is_in_header() -> None:
         update={"created": datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc)}
     )
     assert "2024-05-06 07:08:09 UTC" in render_html(scan)
+
+
+def test_command_shown_for_reports_without_provenance() -> None:
+    page = render_html(synthetic_scan(3), command="memaudit scan m.pt --flagged <ids>.txt")
+    assert "<code>memaudit scan m.pt --flagged &lt;ids&gt;.txt</code>" in page

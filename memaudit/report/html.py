@@ -51,6 +51,7 @@ class _View:
     probes: list[Report] = field(default_factory=list)
     audit: AuditReport | None = None
     verdict: Verdict | None = None
+    command: str | None = None
 
 
 def _view(reports: Sequence[Report], comparison: ScanReport | None, localized: int) -> _View:
@@ -92,13 +93,15 @@ def render_html(
     comparison: ScanReport | None = None,
     localized_units: int | None = None,
     title: str | None = None,
+    command: str | None = None,
 ) -> str:
     """One self-contained HTML page of ``reports`` (an audit, or scans, unlearn and probe runs).
 
     ``images``: thumbnails of the flagged examples, as ``{id: data-URI}`` or an ``ImageDataset``
     to make them from; none by default (flagged images are sensitive). Scans after the first, and
     ``comparison``, are comparison groups. ``localized_units`` (N, default the audit's or 5):
-    "rests on a handful of units" means "flips with at most N units".
+    "rests on a handful of units" means "flips with at most N units". ``command``: the command
+    line that made the reports, for the header (an audit's own provenance takes precedence).
     """
     if not reports:
         raise ReportError("nothing to render: give at least one report")
@@ -107,6 +110,7 @@ def render_html(
         or LOCALIZED_UNITS
     )
     view = _view(reports, comparison, localized)
+    view.command = command
     thumbs = _thumbnails(view, images)
     body = _body(view, thumbs, title=title)
     data = "\n".join(_json_script(r) for r in reports)
@@ -143,6 +147,7 @@ def write_html(
     comparison: ScanReport | None = None,
     localized_units: int | None = None,
     title: str | None = None,
+    command: str | None = None,
 ) -> Path:
     """Render ``reports`` (see :func:`render_html`) and write the page to ``path``."""
     page = render_html(
@@ -151,6 +156,7 @@ def write_html(
         comparison=comparison,
         localized_units=localized_units,
         title=title,
+        command=command,
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +283,7 @@ def _header(view: _View) -> str:
     if first is not None:
         items.append(("Date", e(first.created.strftime("%Y-%m-%d %H:%M:%S %Z").strip())))
         items.append(("Tool version", f"memaudit {e(first.memaudit_version)}"))
-    command = view.audit.provenance.command if view.audit else None
+    command = (view.audit.provenance.command if view.audit else None) or view.command
     items.append(
         (
             "Command",
