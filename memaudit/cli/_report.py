@@ -39,6 +39,7 @@ from memaudit.report import KINDS, AuditReport, Report, ScanSettings
 from memaudit.report._audit import StageTime
 from memaudit.report.html import Page, read_html, write_html
 from memaudit.report.markdown import render_markdown
+from memaudit.unlearn import METHODS
 
 ARGV: list[str] = []  # the arguments main() was given, for the report's command line
 
@@ -204,7 +205,7 @@ def audit_command(
     ],
     data: DataOpt = None,
     method: Annotated[
-        str, typer.Option("--method", help="Unlearning method (see memaudit unlearn --help).")
+        str, typer.Option("--method", help=f"Unlearning method: {', '.join(METHODS)}.")
     ] = "example-tied-dropout",
     no_unlearn: Annotated[
         bool, typer.Option("--no-unlearn", help="Scan only: skip unlearning and the re-scan.")
