@@ -13,7 +13,10 @@ from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models are overhead-bound: a second thread gains nothing, and on a busy machine
+# spinning OpenMP threads make a 2 ms forward take 0.7 s. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ.get("MEMAUDIT_TEST_THREADS", "1")))
 
 HF_KINDS = ("vit", "resnet", "convnext")
 

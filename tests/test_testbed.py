@@ -132,7 +132,7 @@ def test_bad_device_fails_before_writing(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_default_testbed_memorizes(tmp_path: Path) -> None:
-    result = build_testbed(tmp_path, TestbedConfig(), device="cpu")
+    result = build_testbed(tmp_path, TestbedConfig(), device="auto")
     summary = json.loads((tmp_path / "testbed.json").read_text())
     assert summary["noisy_train_accuracy"] == result.noisy_train_accuracy
     assert result.noisy_train_accuracy >= 0.95  # the model memorized the wrong labels
