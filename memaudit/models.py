@@ -421,6 +421,9 @@ def _unreadable(path: Path, err: BaseException) -> MemauditError:
 
 def _load_hf_dir(path: Path) -> Classifier:
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load would clutter the CLI's stderr
 
     if not (path / "config.json").exists():
         raise MemauditError(

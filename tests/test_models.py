@@ -95,6 +95,14 @@ def test_hf_directory_loads_and_returns_logits(kind: str, hf_dirs: dict[str, Pat
     assert isinstance(out, torch.Tensor) and out.shape == (2, 4)
 
 
+def test_hf_directory_loads_quietly(
+    hf_dirs: dict[str, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    capfd.readouterr()
+    load_model(hf_dirs["resnet"])
+    assert capfd.readouterr().err == ""  # no progress bar on the CLI's stderr
+
+
 def test_hf_directory_preprocessing_from_processor_config(tmp_path: Path) -> None:
     model = load_model(save_hf("vit", tmp_path / "vit", processor=True))
     assert model.info.preprocess == Preprocess(
