@@ -105,6 +105,7 @@ class ExampleTiedDropout(nn.Module):
         self.p_gen, self.p_mem, self.seed, self.dim = p_gen, p_mem, seed, dim
         self.mode: DropoutMode = mode
         self.ids: torch.Tensor | None = None  # the current batch's example ids (bind_ids)
+        self.tied: torch.Tensor | None = None  # which of them are tied (bind_ids); None: all
 
     def extra_repr(self) -> str:
         return f"p_gen={self.p_gen}, p_mem={self.p_mem}, seed={self.seed}, mode={self.mode}"
@@ -147,7 +148,11 @@ class ExampleTiedDropout(nn.Module):
                 "examples; bind one id per example"
             )
         shape[0] = x.shape[0]
-        return x * self.masks(self.ids.to(x.device), channels).to(x.dtype).reshape(shape)
+        masks = self.masks(self.ids.to(x.device), channels)
+        if self.tied is not None:  # untied examples see the drop-mode network
+            free = ~self.tied.to(x.device)
+            masks[free] = self.scale(channels, "drop").to(x.device)
+        return x * masks.to(x.dtype).reshape(shape)
 
 
 class WithDropout(nn.Module):
@@ -328,7 +333,8 @@ class bind_ids:  # lower case: used like a function, `with bind_ids(model, ids):
 
     Use it around a forward, or keep it open over a training loop and pass ``binding.set`` as
     ``on_batch`` (it receives each batch's ids before the forward). The previous binding comes
-    back on exit, so bindings nest.
+    back on exit, so bindings nest. ``tied`` (bool per example, default all) marks the examples
+    that get example-tied masks; the others see the drop-mode network (generalization units only).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4))
@@ -338,20 +344,26 @@ class bind_ids:  # lower case: used like a function, `with bind_ids(model, ids):
         torch.Size([2, 4])
     """
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor | None = None,
+        *,
+        tied: torch.Tensor | None = None,
+    ) -> None:
         self._layers = list(dropout_layers(model).values())
-        self._ids = ids
-        self._saved: list[torch.Tensor | None] = []
+        self._ids, self._tied = ids, tied
+        self._saved: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
 
-    def set(self, ids: torch.Tensor) -> None:
-        """Bind ``ids`` (one per example of the next batch)."""
+    def set(self, ids: torch.Tensor, *, tied: torch.Tensor | None = None) -> None:
+        """Bind ``ids`` (one per example of the next batch) and which of them are tied."""
         for etd in self._layers:
-            etd.ids = ids
+            etd.ids, etd.tied = ids, tied
 
     def __enter__(self) -> bind_ids:
-        self._saved = [etd.ids for etd in self._layers]
+        self._saved = [(etd.ids, etd.tied) for etd in self._layers]
         if self._ids is not None:
-            self.set(self._ids)
+            self.set(self._ids, tied=self._tied)
         return self
 
     def __exit__(
@@ -360,8 +372,8 @@ class bind_ids:  # lower case: used like a function, `with bind_ids(model, ids):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for etd, ids in zip(self._layers, self._saved, strict=True):
-            etd.ids = ids
+        for etd, (ids, tied) in zip(self._layers, self._saved, strict=True):
+            etd.ids, etd.tied = ids, tied
 
 
 M = TypeVar("M", bound=nn.Module)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,19 @@ class TestbedConfig(BaseModel):
     weight_decay: float = 5e-4
     image_size: int | None = None
     seed: int = 0
+    example_tied_dropout: bool = Field(
+        False, description="train with example-tied dropout (memaudit.dropout, paper defaults)"
+    )
+
+
+class ModeAccuracy(BaseModel):
+    """Accuracies of an example-tied-dropout model in one evaluation mode."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noisy_train: float
+    clean_train: float
+    test: float
 
 
 class TestbedResult(BaseModel):
@@ -65,6 +79,10 @@ class TestbedResult(BaseModel):
     clean_train_accuracy: float
     test_accuracy: float
     seconds: float
+    dropout_modes: dict[str, ModeAccuracy] | None = Field(
+        None, description="with example-tied dropout: accuracies in expectation and drop mode"
+    )
+    drop_model: str | None = Field(None, description="the drop-mode model (plain checkpoint)")
 
 
 def label_noise(
@@ -161,7 +179,7 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         if on_epoch is not None:
             model.eval()
             on_epoch(EpochEnd(epoch, epochs, total / len(subset), model))
@@ -278,10 +296,18 @@ def build_testbed(
     test_set = load_dataset(data_path, split="test", model=model)
 
     checkpoints: list[str] = []
+    binding = _insert_dropout(model, cfg)
+
+    def batch_start(ids: torch.Tensor) -> None:
+        if binding is not None:
+            binding.set(ids)
+        if on_batch is not None:
+            on_batch(ids)
 
     def epoch_end(event: EpochEnd) -> None:
         path = save_model(
-            event.model, root / "checkpoints" / f"epoch_{event.epoch:03d}.safetensors"
+            _plain(event.model, "expectation"),
+            root / "checkpoints" / f"epoch_{event.epoch:03d}.safetensors",
         )
         checkpoints.append(str(path))
         if on_epoch is not None:
@@ -300,10 +326,15 @@ def build_testbed(
         seed=cfg.seed,
         device=device,
         on_epoch=epoch_end,
-        on_batch=on_batch,
+        on_batch=batch_start,
     )
-    model_path = save_model(model.cpu(), root / "model.safetensors")
     clean_rows = _complement(len(train_set), noisy_ids)
+    modes, drop_path = None, None
+    if binding is not None:
+        modes = _mode_accuracies(model, train_set, test_set, noisy_ids, clean_rows, device)
+        drop_path = str(save_model(_plain(model, "drop").cpu(), root / "model_drop.safetensors"))
+        model = _plain(model, "expectation")
+    model_path = save_model(model.cpu(), root / "model.safetensors")
     result = TestbedResult(
         config=cfg,
         model=str(model_path),
@@ -317,9 +348,49 @@ def build_testbed(
         clean_train_accuracy=accuracy(model, train_set, clean_rows, device=device),
         test_accuracy=accuracy(model, test_set, device=device),
         seconds=time.perf_counter() - start,
+        dropout_modes=modes,
+        drop_model=drop_path,
     )
     (root / "testbed.json").write_text(result.model_dump_json(indent=2))
     return result
+
+
+def _insert_dropout(model: Classifier, cfg: TestbedConfig) -> Any:
+    """Example-tied dropout layers in ``model`` when asked for, and their id binding."""
+    if not cfg.example_tied_dropout:
+        return None
+    from memaudit.dropout import bind_ids, insert_dropout
+
+    insert_dropout(model, seed=cfg.seed)
+    return bind_ids(model)
+
+
+def _plain(model: Classifier, mode: Any) -> Classifier:
+    from memaudit.dropout import dropout_layers, plain_copy
+
+    return plain_copy(model, mode=mode) if dropout_layers(model) else model
+
+
+def _mode_accuracies(
+    model: Classifier,
+    train_set: ImageDataset,
+    test_set: ImageDataset,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    device: str | torch.device,
+) -> dict[str, ModeAccuracy]:
+    from memaudit.dropout import set_mode
+
+    out = {}
+    for mode in ("expectation", "drop"):
+        set_mode(model, mode)
+        out[mode] = ModeAccuracy(
+            noisy_train=accuracy(model, train_set, noisy, device=device),
+            clean_train=accuracy(model, train_set, clean, device=device),
+            test=accuracy(model, test_set, device=device),
+        )
+    set_mode(model, "train")
+    return out
 
 
 def _complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -190,10 +190,17 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
         seed=job.seed,
     )
     rows = torch.arange(len(job.train))
-    if job.options.get("rows") == "retained":
-        rows = job.retained
+    tie = job.options.get("tie", "all")
+    if tie not in ("all", "flagged"):
+        raise MemauditError(f"option tie must be 'all' or 'flagged', got {tie!r}")
+    flagged = torch.zeros(len(job.train), dtype=torch.bool)
+    flagged[job.flagged] = True
     with bind_ids(model) as binding:
-        _fit(job, model, rows, on_batch=binding.set)
+
+        def on_batch(ids: torch.Tensor) -> None:
+            binding.set(ids, tied=flagged[ids] if tie == "flagged" else None)
+
+        _fit(job, model, rows, on_batch=on_batch)
     remove_dropout(model, fold="drop")
     return model.eval()
 
@@ -267,7 +274,7 @@ register_method(
         epochs=6,
         lr=0.05,
         description="fine-tune with example-tied dropout on all rows, drop memorization units",
-        options={"p_gen": 0.2, "p_mem": 0.1, "rows": "all"},
+        options={"p_gen": 0.2, "p_mem": 0.1, "tie": "all"},
     ),
 )
 register_method(

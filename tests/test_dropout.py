@@ -154,6 +154,16 @@ def test_training_without_ids_is_a_clear_error() -> None:
         insert_dropout(net)
 
 
+def test_untied_examples_see_the_drop_mode_network() -> None:
+    etd = ExampleTiedDropout(p_gen=0.25, p_mem=0.5).train()
+    x = torch.rand(3, 8, 2, 2)
+    etd.ids, etd.tied = torch.tensor([1, 2, 3]), torch.tensor([True, False, True])
+    out = etd(x)
+    torch.testing.assert_close(out[1], x[1] * etd.scale(8, "drop")[:, None, None])
+    etd.tied = None
+    torch.testing.assert_close(out[[0, 2]], etd(x)[[0, 2]])
+
+
 def test_bindings_nest_and_restore() -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     insert_dropout(net)

@@ -57,6 +57,10 @@ def testbed_table(result: TestbedResult) -> Table:
     )
     table.add_row("clean train", str(n_clean), f"{result.clean_train_accuracy:.1%}")
     table.add_row("test", str(result.n_test), f"{result.test_accuracy:.1%}")
+    for mode, acc in (result.dropout_modes or {}).items():
+        table.add_row(f"{mode} mode: noisy train", str(result.n_noisy), f"{acc.noisy_train:.1%}")
+        table.add_row(f"{mode} mode: clean train", str(n_clean), f"{acc.clean_train:.1%}")
+        table.add_row(f"{mode} mode: test", str(result.n_test), f"{acc.test:.1%}")
     table.caption = f"{result.seconds:.0f} s; model {result.model}; flagged ids {result.noisy_ids}"
     return table
 
@@ -78,6 +82,13 @@ def testbed(
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
     image_size: Annotated[int | None, typer.Option(help="Resize images (timm models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, the noise and training.")] = 0,
+    example_tied_dropout: Annotated[
+        bool,
+        typer.Option(
+            "--example-tied-dropout",
+            help="Train with example-tied dropout; report expectation- and drop-mode accuracy.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Build the paper's label-noise testbed and train a model that memorizes the noisy labels."""
@@ -90,6 +101,7 @@ def testbed(
         batch_size=batch_size,
         image_size=image_size,
         seed=seed,
+        example_tied_dropout=example_tied_dropout,
     )
     result = run_testbed(out_dir, config, device)
     out.print(testbed_table(result))
