@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from memaudit.report._scan import (
     UnitRef,
     summarize,
 )
-from memaudit.report.html import read_html, read_reports, render_html, write_html
+from memaudit.report.html import read_html, read_reports, render_html
 
 EVIL = "<script>alert(1)</script>"
 LAYERS = [f"layer{i}.conv" for i in range(8)] + ["fc"]
@@ -220,8 +221,22 @@ def _scripts(page: str) -> list[str]:
     return re.findall(r"<script(?![^>]*application/json)[^>]*>(.*?)</script>", page, re.S)
 
 
-def test_page_is_self_contained(tmp_path: Path) -> None:
-    page = render_html(synthetic_audit())
+@dataclass(frozen=True)
+class Rendered:
+    report: AuditReport
+    probes: list
+    page: str
+
+
+@pytest.fixture(scope="module")
+def rendered() -> Rendered:
+    """One synthetic audit page with probe sections, rendered once for the tests that read it."""
+    report, probes = synthetic_audit(), probe_reports()
+    return Rendered(report, probes, render_html(report, *probes))
+
+
+def test_page_is_self_contained(rendered: Rendered) -> None:
+    page = rendered.page
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
     assert csp and csp.group(1).startswith("default-src 'none'; img-src data:;")
     # Only memaudit's own script may run, pinned by its hash (no 'unsafe-inline' scripts).
@@ -230,14 +245,13 @@ def test_page_is_self_contained(tmp_path: Path) -> None:
     assert f"script-src 'sha256-{digest}'" in csp.group(1)
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # no network URL anywhere
     assert "http://" not in page.replace("http://www.w3.org", "")
-    assert page.count("<svg") >= 4  # units histogram, layers, accuracy bars, edit cost
+    assert page.count("<svg") >= 9  # histogram, layers, accuracy bars, edit cost; 5 probe plots
     assert 'id="examples-table"' in page
     assert "<img" not in page  # no image of a flagged example unless asked
 
 
-def test_header_verdict_and_settings_are_shown() -> None:
-    report = synthetic_audit()
-    page = render_html(report)
+def test_header_verdict_and_settings_are_shown(rendered: Rendered) -> None:
+    page = rendered.page
     for text in (
         "/models/resnet.safetensors",
         "/data/mnist.npz",
@@ -268,15 +282,16 @@ def test_model_strings_are_escaped() -> None:
         json.loads(block)
 
 
-def test_page_round_trips_through_read_html(tmp_path: Path) -> None:
-    report, probes = synthetic_audit(), probe_reports()
-    path = write_html(tmp_path / "audit.html", report, *probes)
+def test_page_round_trips_through_read_html(rendered: Rendered, tmp_path: Path) -> None:
+    report = rendered.report
+    path = tmp_path / "audit.html"
+    path.write_text(rendered.page)
     page = read_html(path)
-    assert page.reports[0] == report
+    assert page.reports == [report, *rendered.probes]
     assert [r.kind for r in page.reports] == ["audit", "gradients", "rewind", "retrain"]
     assert read_reports(path)[0] == report
     # The renderer is a pure function: what was read renders to the same page.
-    assert render_html(*page.reports) == path.read_text()
+    assert render_html(*page.reports) == rendered.page
 
 
 def test_read_html_rejects_other_pages(tmp_path: Path) -> None:
