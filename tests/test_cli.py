@@ -166,8 +166,9 @@ def test_testbed_command_on_a_tiny_dataset(
     out = tmp_path / "tb"
     argv = ["testbed", "--data", str(tmp_path / "src.npz"), "--epochs", "1", "--out", str(out)]
     assert main([*argv, "--device", "cpu"]) == EXIT_OK
-    printed = capsys.readouterr().out
-    assert "noisy train" in printed and "test" in printed
+    captured = capsys.readouterr()
+    assert "noisy train" in captured.out and "test" in captured.out
+    assert "warning" not in captured.err, captured.err
     assert (out / "model.safetensors").is_file() and (out / "testbed.json").is_file()
 
 
