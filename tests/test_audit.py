@@ -227,7 +227,7 @@ def test_report_command_errors(tmp_path: Path) -> None:
 
 
 def test_markdown_escapes_strings() -> None:
-    assert md("<script>|*x*") == "&lt;script&gt;\\|\\*x\\*"
+    assert md("<script>|*x*_[a](b)") == "&lt;script&gt;\\|\\*x\\*\\_\\[a\\](b)"
 
 
 def test_report_command_renders_several_files(tmp_path: Path) -> None:
@@ -242,5 +242,5 @@ def test_report_command_renders_several_files(tmp_path: Path) -> None:
     kinds = [r.kind for r in read_html(html_path).reports]
     assert kinds == ["scan", "scan", "unlearn", "rewind"]
     text = md_path.read_text()
-    assert "For comparison, 8 non\\-flagged examples" in text and "after example" in text
+    assert "For comparison, 8 non-flagged examples" in text and "after example" in text
     assert main(["report", *files, "--json", str(tmp_path / "x.json")]) == 2  # one report only

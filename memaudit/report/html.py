@@ -457,12 +457,12 @@ def _table(view: _View, thumbs: Mapping[int, str]) -> str:
         "status",
         "units",
         "greedy units",
-        "after edit",
+        "predicted after edit",
         "test drop (pts)",
         "ref. drop (pts)",
     ]
     if view.rescan is not None:
-        head += ["after unlearning", "still localized"]
+        head += ["predicted after unlearning", "still localized"]
     head.append("units found")
     if thumbs:
         head.insert(1, "image")

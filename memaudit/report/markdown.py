@@ -17,7 +17,7 @@ from memaudit.report._scan import ScanReport
 from memaudit.report._unlearn import UnlearnReport, UnlearnScores
 
 LOCALIZED_UNITS = 5
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+_SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what can start markup mid-line
 
 
 def md(text: object) -> str:
