@@ -364,3 +364,11 @@ def test_created_date_is_in_header() -> None:
 def test_command_shown_for_reports_without_provenance() -> None:
     page = render_html(synthetic_scan(3), command="memaudit scan m.pt --flagged <ids>.txt")
     assert "<code>memaudit scan m.pt --flagged &lt;ids&gt;.txt</code>" in page
+
+
+def test_markdown_of_unlearning_alone() -> None:
+    from memaudit.report.markdown import render_markdown
+
+    text = render_markdown(synthetic_unlearn())
+    assert "took flagged accuracy from 100% to 8% (retraining: 5%)" in text
+    assert "| flagged accuracy | 1.000 | 0.080 | 0.050 |" in text

@@ -297,3 +297,14 @@ def verdict_sentences(
             f"{n} flagged examples; {found.n_localized_after} still flip with ≤ {cap} units."
         )
     return lines
+
+
+def unlearn_sentences(unlearns: Sequence[UnlearnReport]) -> list[str]:
+    """Plain-words lines for unlearning runs without a scan."""
+    return [
+        f"Unlearning with {u.method} ({u.seconds:.0f} s) took flagged accuracy from "
+        f"{u.before.flagged_accuracy:.0%} to {u.after.flagged_accuracy:.0%}"
+        + (f" (retraining: {u.retrain.flagged_accuracy:.0%})" if u.retrain else "")
+        + "."
+        for u in unlearns
+    ]

@@ -23,7 +23,13 @@ from typing import Any
 
 from memaudit._version import __version__
 from memaudit.report import _plots as plots
-from memaudit.report._audit import AuditReport, Verdict, verdict, verdict_sentences
+from memaudit.report._audit import (
+    AuditReport,
+    Verdict,
+    unlearn_sentences,
+    verdict,
+    verdict_sentences,
+)
 from memaudit.report._base import Report, ReportError
 from memaudit.report._html_parts import dl, e, figure, kv_table, probe_section
 from memaudit.report._kinds import from_dict, read_json
@@ -300,7 +306,7 @@ def _verdict(view: _View) -> str:
     if view.scan is None or view.verdict is None:
         if not view.unlearns:
             return ""
-        lines = verdict_sentences_unlearn(view.unlearns)
+        lines = unlearn_sentences(view.unlearns)
     else:
         skipped = view.audit is not None and view.audit.unlearn is None
         lines = verdict_sentences(
@@ -313,17 +319,6 @@ def _verdict(view: _View) -> str:
         )
     items = "".join(f"<li>{e(line)}</li>" for line in lines)
     return f'<section class="verdict"><h2>Verdict</h2><ul>{items}</ul></section>'
-
-
-def verdict_sentences_unlearn(unlearns: Sequence[UnlearnReport]) -> list[str]:
-    """Plain-words lines for unlearning runs without a scan."""
-    return [
-        f"Unlearning with {u.method} ({u.seconds:.0f} s) took flagged accuracy from "
-        f"{u.before.flagged_accuracy:.0%} to {u.after.flagged_accuracy:.0%}"
-        + (f" (retraining: {u.retrain.flagged_accuracy:.0%})" if u.retrain else "")
-        + "."
-        for u in unlearns
-    ]
 
 
 def _gates(view: _View) -> str:

@@ -11,7 +11,7 @@ import html
 import re
 from collections.abc import Sequence
 
-from memaudit.report._audit import AuditReport, verdict, verdict_sentences
+from memaudit.report._audit import AuditReport, unlearn_sentences, verdict, verdict_sentences
 from memaudit.report._base import Report, ReportError
 from memaudit.report._scan import ScanReport
 from memaudit.report._unlearn import UnlearnReport, UnlearnScores
@@ -68,6 +68,8 @@ def render_markdown(*reports: Report, localized_units: int | None = None) -> str
             unlearn_skipped=audit is not None and audit.unlearn is None,
         )
         lines += ["**Verdict**", "", *(f"- {md(s)}" for s in sentences), ""]
+    elif unlearns:
+        lines += ["**Verdict**", "", *(f"- {md(s)}" for s in unlearn_sentences(unlearns)), ""]
     if audit and audit.gates:
         lines += ["**Gates**", ""]
         lines += [f"- {'✅' if g.passed else '❌'} {md(g.message)}" for g in audit.gates]
