@@ -173,6 +173,9 @@ def test_cli_audit_writes_everything_and_reports_round_trip(
     assert AuditReport.from_json(out / "again.json") == report
     assert main(["report", str(out / "audit.json"), "--html", str(out / "again.html")]) == 0
     assert read_html(out / "again.html").reports == [report]
+    # Re-rendering a page keeps its thumbnails (the data need not be at hand).
+    assert main(["report", str(out / "audit.html"), "--html", str(out / "page2.html")]) == 0
+    assert read_html(out / "page2.html").thumbnails == page.thumbnails
     capsys.readouterr()
     assert main(["report", str(out / "audit.json")]) == 0
     assert "**Verdict**" in capsys.readouterr().out
