@@ -16,7 +16,6 @@ from memaudit.testbed import (
     TestbedConfig,
     TestbedResult,
     build_testbed,
-    load_testbed,
     pick_device,
 )
 
@@ -104,21 +103,4 @@ def testbed(
         example_tied_dropout=example_tied_dropout,
     )
     result = run_testbed(out_dir, config, device)
-    out.print(testbed_table(result))
-
-
-@app.command()
-def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Working directory of the demo.")] = Path(
-        "memaudit-demo"
-    ),
-    device: DeviceOpt = "auto",
-) -> None:
-    """The whole audit on the bundled MNIST testbed (built on first run, then reused)."""
-    result = load_testbed(out_dir / "testbed")
-    if result is None:
-        err.print("[bold]Building the label-noise testbed[/] (real MNIST, 10% wrong labels)")
-        result = run_testbed(out_dir / "testbed", TestbedConfig(), device)
-    else:
-        err.print(f"Reusing the testbed in {out_dir / 'testbed'}")
     out.print(testbed_table(result))
