@@ -181,3 +181,7 @@ def test_demo_reuses_a_built_testbed(
     captured = capsys.readouterr()
     assert "Reusing the testbed" in captured.err
     assert "noisy train" in captured.out
+    assert "memorized (noisy) vs clean" in captured.out  # the scan comparison
+    assert "flagged accuracy (example-tied-dropout)" in captured.out  # the unlearning
+    page = tmp_path / "demo" / "demo-report.html"
+    assert page.exists() and f"report: {page.resolve()}" in captured.out.replace("\n", "")
