@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch import nn
@@ -162,6 +162,16 @@ class WithDropout(nn.Module):
         super().__init__()
         self.inner = inner
         self.dropout = dropout
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of ``inner`` (models read e.g. ``projection.weight.dtype``) show through."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__["_modules"].get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         out = self.inner(*args, **kwargs)

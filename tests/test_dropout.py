@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from memaudit.dropout import (
     tied_draws,
 )
 from memaudit.errors import MemauditError
-from memaudit.models import build_model
+from memaudit.models import build_model, load_model
 
 
 def tiny_resnet() -> nn.Module:
@@ -186,3 +187,20 @@ def test_bad_settings_are_clear_errors() -> None:
     insert_dropout(net, after=["1"])
     with pytest.raises(MemauditError, match="cannot fold"):
         remove_dropout(net, fold="drop")
+
+
+@pytest.mark.parametrize("kind", ["vit", "convnext"])
+def test_hugging_face_models_insert_fold_and_restore(kind: str, hf_dirs: dict[str, Path]) -> None:
+    model = load_model(hf_dirs[kind])
+    x = torch.randn(2, 3, 16, 16)
+    before, keys = model(x), list(model.state_dict())
+    names = insert_dropout(model)
+    assert names and all(not n.startswith(model.info.head or "-") for n in names)
+    with torch.no_grad(), bind_ids(model, torch.tensor([0, 1])):
+        model.train()(x)  # token outputs of ViT linear layers: masks on the last dim
+        set_mode(model, "drop")
+        dropped = model.eval()(x)
+    torch.testing.assert_close(plain_copy(model, mode="drop")(x), dropped, atol=1e-4, rtol=1e-3)
+    remove_dropout(model)
+    torch.testing.assert_close(model(x), before)
+    assert list(model.state_dict()) == keys
