@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import typer
 from rich.markup import escape
 
-from memaudit.cli import _demo, _probe, _report, _scan, _testbed, _unlearn  # noqa: F401
+from memaudit.cli import _demo, _probe, _recipe, _report, _scan, _testbed, _unlearn  # noqa: F401
 from memaudit.cli._app import app, err
 from memaudit.cli._report import GateFailed
 from memaudit.errors import MemauditError
