@@ -172,7 +172,8 @@ def _write(report: Report, path: Path) -> None:
 def gradients_table(report: GradientsReport) -> Table:
     """Per layer: norms and cosine of the last epoch, and the cosine over all epochs."""
     last = report.epochs[-1]
-    table = Table(title=f"gradient accounting ({report.mode}, epoch {last})")
+    where = "the given model" if last is None else f"epoch {last}"
+    table = Table(title=f"gradient accounting ({report.mode}, {where})")
     for name in ("layer", "params", "flagged norm", "clean norm", "cosine"):
         table.add_column(name, justify="left" if name == "layer" else "right", no_wrap=True)
     many = len(report.epochs) > 1
