@@ -69,9 +69,12 @@ def test_scan_works_as_typed_without_data(
             "8",
             "--eval-size",
             "5",
+            "--html",
+            str(workdir / "scan.html"),
         ]
     )
     assert rc == 0
+    assert "<svg" in (workdir / "scan.html").read_text()
     report = ScanReport.from_json(out)
     assert [e.id for e in report.examples] == [0, 1, 2]
     assert report.data.split == "train" and report.data.test_split == "test"

@@ -24,10 +24,12 @@ from memaudit.cli._common import (
     TrustPickleOpt,
     load_inputs,
 )
+from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.data import read_ids
 from memaudit.localize import SCORERS
 from memaudit.report import ScanReport, ScanSettings
+from memaudit.report.html import write_html
 
 
 def scan_table(report: ScanReport, *, title: str = "scan") -> Table:
@@ -100,6 +102,9 @@ def scan(
     noise_copies: Annotated[int, typer.Option(help="Noisy input copies to average (paper).")] = 0,
     prune: Annotated[bool, typer.Option(help="Prune the greedy set to a minimal one.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of reference sampling, noise and scorers.")] = 0,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted scan from its journal.")
     ] = False,
@@ -135,5 +140,8 @@ def scan(
     report = run_scan(auditor, ids, settings, journal=journal, resume=resume)
     report.to_json(out_path)
     journal.unlink(missing_ok=True)
+    if html is not None:
+        write_html(html, report, command=command_line())
+        err.print(f"page written to {html}")
     out.print(scan_table(report, title=f"scan of {len(ids)} flagged examples"))
     err.print(f"report written to {out_path}")
