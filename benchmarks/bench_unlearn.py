@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memaudit import load_dataset, load_model, read_ids
@@ -161,7 +162,7 @@ def main() -> None:
             )
         )
     for label, method, options in runs:
-        console.print(f"unlearning with {label} ...")
+        console.print(f"unlearning with {escape(label)} ...")
         try:
             result = unlearn(
                 model, train, flagged, test=test, method=method, options=options, device="cpu"
@@ -197,10 +198,10 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["method"], r["error"][:60], *[""] * 6)
+            table.add_row(escape(r["method"]), escape(r["error"][:60]), *[""] * 6)
             continue
         table.add_row(
-            r["method"],
+            escape(r["method"]),
             f"{r['flagged_accuracy']:.1%}",
             f"{r['retained_accuracy']:.1%}",
             f"{r['test_accuracy']:.1%}",
