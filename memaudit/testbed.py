@@ -313,7 +313,7 @@ def build_testbed(
         if on_epoch is not None:
             on_epoch(event)
 
-    save_model(model, root / "checkpoints" / "epoch_000.safetensors")
+    save_model(_plain(model, "expectation"), root / "checkpoints" / "epoch_000.safetensors")
     checkpoints.append(str(root / "checkpoints" / "epoch_000.safetensors"))
     train(
         model,
