@@ -189,8 +189,10 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     only) directly - the network that is exported. Tying every row (the paper's training-time
     recipe, ``tie="all"``) left the 5-epoch drop-mode model at about 50% retained accuracy with
     ``p_gen=0.2`` and 88% with ``p_gen=0.5``: a few epochs do not move a trained model's function
-    into its generalization units. ``p_gen=0.5`` keeps half of each layer in the exported model.
-    The fine-tuning uses the one-cycle SGD schedule of :func:`memaudit.testbed.train`.
+    into its generalization units. ``p_gen=0.5`` keeps half of each layer in the exported model
+    (``p_gen=0.2`` with ``tie="flagged"``: 0.8% flagged, 99.7% retained accuracy). Three epochs
+    (0.25% flagged, 99.7% retained, 97.7% test) cost about a sixth of retraining; five gave 0%
+    / 99.97% / 97.7%. The fine-tuning uses the one-cycle SGD of :func:`memaudit.testbed.train`.
     """
     from memaudit.dropout import bind_ids, insert_dropout, remove_dropout
 
@@ -293,7 +295,7 @@ register_method(
     "example-tied-dropout",
     UnlearnMethod(
         _example_tied_dropout,
-        epochs=5,
+        epochs=3,
         lr=0.05,
         description="fine-tune with example-tied dropout (flagged rows tied), drop memorization",
         options={"p_gen": 0.5, "p_mem": 0.1, "tie": "flagged"},
