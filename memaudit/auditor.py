@@ -15,7 +15,13 @@ from torch import nn
 
 from memaudit.data import ImageDataset, check_compatible
 from memaudit.errors import MemauditError
-from memaudit.localize import edited_accuracy, reference_gradient, search_chunk, to_result, validate
+from memaudit.localize import (
+    edited_accuracy,
+    reference_gradient,
+    scan_settings,
+    search_chunk,
+    to_result,
+)
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier, load_model
 from memaudit.report._scan import (
@@ -80,8 +86,7 @@ class Auditor:
         With ``journal``, results are appended there as JSON lines as chunks finish, and
         ``resume=True`` skips the ids a journal already holds (same settings required).
         """
-        cfg = _settings(settings, overrides)
-        validate(cfg)
+        cfg = scan_settings(settings, **overrides)
         if not ids:
             raise MemauditError("no flagged ids to scan; give at least one")
         start = time.perf_counter()
@@ -217,16 +222,6 @@ class Auditor:
             "model": self.model.info.source,
             "data": self.train.ref.model_dump(mode="json"),
         }
-
-
-def _settings(settings: ScanSettings | None, overrides: dict[str, Any]) -> ScanSettings:
-    base = (settings or ScanSettings()).model_dump()
-    try:
-        return ScanSettings.model_validate({**base, **overrides})
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise MemauditError(f"invalid scan setting {where}: {first['msg']}") from None
 
 
 def _complement(n: int, rows: torch.Tensor) -> torch.Tensor:

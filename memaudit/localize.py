@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from memaudit.data import ImageDataset
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validation_problem
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.report._scan import ExampleResult, ScanSettings, Status, UnitRef
@@ -294,9 +296,16 @@ def to_result(
     )
 
 
-def validate(settings: ScanSettings) -> None:
+def scan_settings(base: ScanSettings | None = None, **overrides: Any) -> ScanSettings:
+    """``base`` (or the defaults) with ``overrides``, validated; one-line errors."""
+    values = {**(base or ScanSettings()).model_dump(), **overrides}
+    try:
+        settings = ScanSettings.model_validate(values)
+    except ValidationError as err:
+        raise MemauditError(f"invalid scan setting {validation_problem(err)}") from None
     if settings.scorer not in SCORERS:
         raise MemauditError(f"unknown scorer {settings.scorer!r}; choose from {', '.join(SCORERS)}")
+    return settings
 
 
 def search_chunk(

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memaudit.auditor import Auditor
 from memaudit.data import load_dataset, read_ids
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validation_problem
 from memaudit.models import load_model
 from memaudit.report import Grouping, Report, ScanSettings
 from memaudit.testbed import TestbedConfig, TestbedResult, build_testbed, load_testbed
@@ -80,10 +80,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        hint = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        raise MemauditError(f"{file}: {where}: {hint}") from None
+        raise MemauditError(f"{file}: {validation_problem(err)}") from None
 
 
 def run_recipe(

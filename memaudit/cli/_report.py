@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
 
 from memaudit.audit import AuditResult, audit
@@ -35,7 +34,8 @@ from memaudit.cli._common import (
 from memaudit.cli._testbed import progress
 from memaudit.data import read_ids
 from memaudit.errors import MemauditError
-from memaudit.report import KINDS, AuditReport, Report, ScanSettings
+from memaudit.localize import scan_settings
+from memaudit.report import KINDS, AuditReport, Report
 from memaudit.report._audit import StageTime
 from memaudit.report.html import Page, read_html, write_html
 from memaudit.report.markdown import render_markdown
@@ -172,17 +172,6 @@ def audit_table(report: AuditReport) -> Table:
     return table
 
 
-def _scan_settings(values: dict[str, Any]) -> ScanSettings:
-    try:
-        return ScanSettings(**values)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise MemauditError(
-            f"invalid scan option --{where.replace('_', '-')}: {first['msg']}"
-        ) from None
-
-
 def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
     """The audit with one progress bar per stage (on stderr)."""
     with progress() as bar:
@@ -271,9 +260,7 @@ def audit_command(
         trust_pickle=trust_pickle,
     )
     inputs.train.rows(ids)  # out-of-range ids fail here, before any work
-    settings = _scan_settings(
-        {"max_units": max_units, "batch_size": batch_size, "scorer": scorer, "seed": seed}
-    )
+    settings = scan_settings(max_units=max_units, batch_size=batch_size, scorer=scorer, seed=seed)
     auditor = Auditor(inputs.model, inputs.train, inputs.test, device=device)
     load = StageTime(stage="load", started=started, seconds=time.perf_counter() - start)
     options: dict[str, Any] = {"seed": seed, "compare_retrain": compare_retrain}

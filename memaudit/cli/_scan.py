@@ -27,7 +27,7 @@ from memaudit.cli._common import (
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.data import read_ids
-from memaudit.localize import SCORERS
+from memaudit.localize import SCORERS, scan_settings
 from memaudit.report import ScanReport, ScanSettings
 from memaudit.report.html import write_html
 
@@ -123,7 +123,7 @@ def scan(
         std=std,
         trust_pickle=trust_pickle,
     )
-    settings = ScanSettings(
+    settings = scan_settings(
         scorer=scorer,
         max_units=max_units,
         units_per_step=units_per_step,

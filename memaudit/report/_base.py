@@ -11,7 +11,7 @@ from typing import ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from memaudit._version import __version__
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validation_problem
 
 R = TypeVar("R", bound="Report")
 
@@ -78,8 +78,5 @@ class Report(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ReportError(
-                f"{source} is not a valid {cls.KIND} report: {where}: {first['msg']}"
-            ) from None
+            problem = validation_problem(err)
+            raise ReportError(f"{source} is not a valid {cls.KIND} report: {problem}") from None
