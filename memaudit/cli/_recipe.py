@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import DeviceOpt
-from memaudit.cli._testbed import progress
+from memaudit.cli._testbed import StageBars, progress
 from memaudit.recipes import load_recipe, run_recipe
 
 
@@ -28,19 +28,12 @@ def run_command(
     spec = load_recipe(recipe)
     err.print(f"[bold]recipe {spec.name}[/] -> {out_dir}")
     with progress() as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, status="")
-            bar.update(tasks[stage], completed=done, total=total)
-
         written = run_recipe(
             spec,
             out_dir,
             device=device,
             on_stage=lambda s: bar.console.print(f"stage: {s}"),
-            on_progress=on_progress,
+            on_progress=StageBars(bar),
         )
     table = Table(title=f"recipe {spec.name}: files written")
     table.add_column("what")

@@ -31,7 +31,7 @@ from memaudit.cli._common import (
     TrustPickleOpt,
     load_inputs,
 )
-from memaudit.cli._testbed import progress
+from memaudit.cli._testbed import StageBars, progress
 from memaudit.data import read_ids
 from memaudit.errors import MemauditError
 from memaudit.localize import scan_settings
@@ -175,14 +175,7 @@ def audit_table(report: AuditReport) -> Table:
 def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
     """The audit with one progress bar per stage (on stderr)."""
     with progress() as bar:
-        tasks: dict[str, Any] = {}
-
-        def on_progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total, status="")
-            bar.update(tasks[stage], completed=done, total=total)
-
-        return audit(auditor, ids, on_progress=on_progress, **kw)
+        return audit(auditor, ids, on_progress=StageBars(bar), **kw)
 
 
 @app.command("audit")

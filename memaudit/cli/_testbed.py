@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from memaudit.cli._app import app, err, out
@@ -31,6 +38,19 @@ def progress() -> Progress:
         console=err,
         transient=False,
     )
+
+
+class StageBars:
+    """One progress bar per named stage: pass ``StageBars(bar)`` as ``on_progress(stage, k, n)``."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.tasks: dict[str, TaskID] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total, status="")
+        self.bar.update(self.tasks[stage], completed=done, total=total)
 
 
 def run_testbed(out_dir: Path, config: TestbedConfig, device: str) -> TestbedResult:
