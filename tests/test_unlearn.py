@@ -172,9 +172,12 @@ def test_cli_writes_model_and_report(tmp_path: Path) -> None:
             "cpu",
             "--out",
             str(tmp_path / "unlearn.json"),
+            "--html",
+            str(tmp_path / "unlearn.html"),
         ]
     )
     assert code == 0
+    assert "Before and after unlearning" in (tmp_path / "unlearn.html").read_text()
     report = UnlearnReport.from_json(tmp_path / "unlearn.json")
     assert report.n_flagged == 3 and report.out_model is not None
     load_model(report.out_model)  # plain checkpoint, no flags

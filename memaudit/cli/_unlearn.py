@@ -25,10 +25,12 @@ from memaudit.cli._common import (
     TrustPickleOpt,
     load_inputs,
 )
+from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.data import read_ids
 from memaudit.models import save_model
 from memaudit.report import UnlearnReport, UnlearnScores
+from memaudit.report.html import write_html
 from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep, unlearn
 
 
@@ -106,6 +108,9 @@ def unlearn_command(
     report_path: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON report here.")
     ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
+    ] = None,
     arch: ArchOpt = None,
     split: SplitOpt = "train",
     test_split: TestSplitOpt = "test",
@@ -149,3 +154,5 @@ def unlearn_command(
     err.print(f"unlearned model written to {saved}")
     if report_path is not None:
         err.print(f"report written to {report.to_json(report_path)}")
+    if html is not None:
+        err.print(f"page written to {write_html(html, report, command=command_line())}")
