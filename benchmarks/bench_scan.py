@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--max-units", type=int, default=64)
     parser.add_argument("--reference-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--reference-mode", choices=["shared", "exact"], default="shared")
+    parser.add_argument("--groups", default="noisy,clean", help="comma-separated: noisy, clean")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan.json"))
     args = parser.parse_args()
@@ -68,8 +70,12 @@ def main() -> None:
     ]
     groups = {"noisy": noisy_all[: args.n], "clean": clean_pool[: args.n]}
     settings = ScanSettings(
-        max_units=args.max_units, reference_size=args.reference_size, batch_size=args.batch_size
+        max_units=args.max_units,
+        reference_size=args.reference_size,
+        batch_size=args.batch_size,
+        reference_mode=args.reference_mode,
     )
+    groups = {k: v for k, v in groups.items() if k in args.groups.split(",")}
     auditor = Auditor(model, train, test, device=device)
     model = auditor.model.to(device).eval()
     space = model.units()
@@ -95,6 +101,8 @@ def main() -> None:
         batched_units: list[list[int]] = []
         with UnitMasks(model.net, space) as masks:
             ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
+            exact = (train.batch(ref_rows, device), train.labels[ref_rows].to(device))
+            ref_batch = exact if args.reference_mode == "exact" else None
             for chunk in flagged_rows.split(args.batch_size):
                 x, y = train.batch(chunk, device), train.labels[chunk].to(device)
                 found = greedy_search(
@@ -105,6 +113,7 @@ def main() -> None:
                     settings=settings,
                     reference_grad=ref_grad,
                     generator=torch.Generator().manual_seed(0),
+                    reference_batch=ref_batch,
                 )
                 batched_units += [f.greedy if f.status.value == "flipped" else [] for f in found]
         batched_seconds = time.perf_counter() - start

@@ -103,7 +103,17 @@ class Auditor:
         if on_progress:
             on_progress(len(results), len(ids))
         with UnitMasks(model.net, space) as masks:
-            ref_grad = reference_gradient(model, masks, self.train, ref_rows, device=self.device)
+            ref_batch = None
+            if cfg.reference_mode == "exact":
+                ref_grad = torch.zeros(space.total, device=self.device)
+                ref_batch = (
+                    self.train.batch(ref_rows, self.device),
+                    self.train.labels[ref_rows].to(self.device),
+                )
+            else:
+                ref_grad = reference_gradient(
+                    model, masks, self.train, ref_rows, device=self.device
+                )
             for chunk in _chunks(todo, cfg.batch_size):
                 chunk_rows = torch.tensor([r for _, r in chunk])
                 found = search_chunk(
@@ -113,6 +123,7 @@ class Auditor:
                     chunk_rows,
                     settings=cfg,
                     reference_grad=ref_grad,
+                    reference_batch=ref_batch,
                     generator=gen,
                     device=self.device,
                 )

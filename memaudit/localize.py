@@ -52,6 +52,10 @@ class ScoreContext:
     # Logits at the current mask, left by a scorer whose forward computed them anyway, so the
     # search can check for flips without another forward pass.
     logits: torch.Tensor | None = None
+    # The reference rows themselves, for ``reference_mode="exact"`` (then ``reference_grad`` is
+    # unused: each example's reference term is evaluated under its own mask).
+    reference_x: torch.Tensor | None = None
+    reference_y: torch.Tensor | None = None
 
 
 Scorer = Callable[[ScoreContext], torch.Tensor]
@@ -97,7 +101,31 @@ def grad_x_act(ctx: ScoreContext) -> torch.Tensor:
     """The paper's first-order estimate: ``dL/dm``, i.e. gradient x activation per unit."""
     mask = ctx.mask.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(target_objective(ctx, mask, at_current_mask=True).sum(), mask)
-    return grad + ctx.settings.reference_weight * ctx.reference_grad
+    if ctx.reference_x is None:
+        return grad + ctx.settings.reference_weight * ctx.reference_grad
+    return grad + ctx.settings.reference_weight * exact_reference_grad(ctx, mask)
+
+
+def exact_reference_grad(ctx: ScoreContext, mask: torch.Tensor) -> torch.Tensor:
+    """``d mean_r CE(x_r; m_i) / d m_i`` for every example, under its own mask: ``[A, U]``.
+
+    The authors' exact term: every example's mask applied to every reference row (A x R rows,
+    processed in chunks of examples so memory stays bounded).
+    """
+    assert ctx.reference_x is not None and ctx.reference_y is not None
+    n_ref = len(ctx.reference_y)
+    per_chunk = max(1, _EVAL_ROWS // max(1, n_ref))
+    grads = []
+    for rows in mask.split(per_chunk):
+        leaf = rows.detach().requires_grad_(True)
+        ctx.masks.mask = leaf.repeat_interleave(n_ref, 0)
+        x = ctx.reference_x.repeat(len(leaf), *([1] * (ctx.reference_x.ndim - 1)))
+        loss = F.cross_entropy(ctx.model(x).float(), ctx.reference_y.repeat(len(leaf)))
+        (grad,) = torch.autograd.grad(
+            loss * len(leaf), leaf
+        )  # mean over rows, summed over examples
+        grads.append(grad)
+    return torch.cat(grads)
 
 
 @register_scorer("integrated-gradients")
@@ -179,8 +207,13 @@ def greedy_search(
     settings: ScanSettings,
     reference_grad: torch.Tensor,
     generator: torch.Generator,
+    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Found]:
-    """Zero units per example until each flips or hits the budget. All of ``x`` must be correct."""
+    """Zero units per example until each flips or hits the budget. All of ``x`` must be correct.
+
+    ``reference_batch`` (inputs, labels) switches the reference term to the exact per-example one.
+    """
+    ref_x, ref_y = reference_batch if reference_batch is not None else (None, None)
     scorer = SCORERS[settings.scorer]
     n_rows, total = len(y), masks.space.total
     budget = min(settings.max_units, total)
@@ -192,7 +225,16 @@ def greedy_search(
     while active.numel():
         mask = (~zeroed[active]).float()
         ctx = ScoreContext(
-            model, masks, x[active], y[active], mask, reference_grad, settings, generator
+            model,
+            masks,
+            x[active],
+            y[active],
+            mask,
+            reference_grad,
+            settings,
+            generator,
+            reference_x=ref_x,
+            reference_y=ref_y,
         )
         # Score before checking for flips: the default scorer's forward also gives predictions.
         scores = scorer(ctx) if n_zeroed < budget else None
@@ -318,6 +360,7 @@ def search_chunk(
     reference_grad: torch.Tensor,
     generator: torch.Generator,
     device: torch.device,
+    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Found]:
     """Search one chunk of flagged rows; misclassified rows are reported, not searched."""
     x, y = data.batch(rows, device), data.labels[rows].to(device)
@@ -337,6 +380,7 @@ def search_chunk(
             settings=settings,
             reference_grad=reference_grad,
             generator=generator,
+            reference_batch=reference_batch,
         )
         if settings.prune:
             prune(model, masks, x[idx], y[idx], searched)

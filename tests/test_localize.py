@@ -259,3 +259,20 @@ def test_report_round_trips_and_summary_is_consistent(
     )
     assert sum(s.depth_deciles) == pytest.approx(1.0 if s.n_flipped else 0.0)
     assert report.model.n_units == sum(c.count for c in report.model.units_per_layer)
+
+
+def test_exact_reference_mode(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    """The authors' per-example reference term: batched equals one-at-a-time, and the first
+    step (nothing zeroed yet, so both terms coincide) picks the same unit as the shared mode."""
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    ids = list(range(6))
+    options = {"max_units": 20, "reference_size": 8, "prune": False}
+    batched = auditor.scan(ids, reference_mode="exact", batch_size=6, **options)
+    single = auditor.scan(ids, reference_mode="exact", batch_size=1, **options)
+    shared = auditor.scan(ids, **options)
+    assert batched.summary.n_flipped >= 3
+    assert _units(batched) == _units(single)
+    assert [u[:1] for u in _units(batched)] == [u[:1] for u in _units(shared)]
+    with pytest.raises(MemauditError, match="reference_mode"):
+        auditor.scan(ids, reference_mode="approximate")

@@ -63,6 +63,11 @@ class ScanSettings(BaseModel):
     units_per_step: int = Field(1, ge=1)
     reference_size: int = Field(256, ge=0, description="non-flagged rows in the clean term")
     reference_weight: float = Field(1.0, ge=0)
+    reference_mode: Literal["shared", "exact"] = Field(
+        "shared",
+        description="shared: the reference gradient at m = 1 for all (fast); exact: every "
+        "example's mask on every reference row (the authors' term; A x R rows per step)",
+    )
     batch_size: int = Field(64, ge=1, description="flagged examples searched together")
     noise_copies: int = Field(0, ge=0, description="noisy copies averaged (paper: input noise)")
     noise_std: float = Field(0.01, ge=0)
