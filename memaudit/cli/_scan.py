@@ -98,6 +98,13 @@ def scan(
     units_per_step: Annotated[int, typer.Option(help="Units zeroed per greedy step.")] = 1,
     reference_size: Annotated[int, typer.Option(help="Non-flagged rows in the clean term.")] = 256,
     eval_size: Annotated[int, typer.Option(help="Test rows for the after-edit accuracy.")] = 512,
+    reference_mode: Annotated[
+        str,
+        typer.Option(
+            help="shared (fast: one reference gradient for all) or exact (each example's mask "
+            "on every reference row, as the authors do)."
+        ),
+    ] = "shared",
     scorer: Annotated[str, typer.Option(help=f"Unit scorer: {', '.join(SCORERS)}.")] = "grad-x-act",
     noise_copies: Annotated[int, typer.Option(help="Noisy input copies to average (paper).")] = 0,
     prune: Annotated[bool, typer.Option(help="Prune the greedy set to a minimal one.")] = True,
@@ -132,6 +139,7 @@ def scan(
         noise_copies=noise_copies,
         prune=prune,
         eval_size=eval_size,
+        reference_mode=reference_mode,
         seed=seed,
     )
     inputs.train.rows(ids)  # out-of-range ids fail here, before any work
