@@ -5,12 +5,17 @@ Flags N noisy (memorized) and N clean training examples, scans each group with `
 evaluation) and the faithful sequential reference on the same examples, and reports flip rates,
 units-to-flip, collateral accuracy drops, layers, speed-up and per-example agreement.
 
-    python benchmarks/bench_scan.py --testbed memaudit-demo/testbed --n 50
+    python benchmarks/bench_scan.py --testbed memaudit-demo/testbed --n 50 --modes shared,exact
+
+Each reference mode is compared against the same sequential run. ``--noise-floor`` runs the
+sequential reference a second time with another draw of reference rows: how far two runs of the
+authors' own procedure agree is the floor under any agreement figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -25,12 +30,15 @@ from rich.table import Table
 
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
 from memaudit.auditor import _complement, _sample
+from memaudit.data import ImageDataset
 from memaudit.localize import greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
+from memaudit.models import Classifier
+from memaudit.report import ScanReport
 from memaudit.testbed import build_testbed, load_testbed, pick_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_sequential import sequential_flip
+from reference_sequential import SequentialResult, sequential_flip
 
 
 def _median(values: list[int]) -> float | None:
@@ -48,7 +56,10 @@ def main() -> None:
     parser.add_argument("--max-units", type=int, default=64)
     parser.add_argument("--reference-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--reference-mode", choices=["shared", "exact"], default="shared")
+    parser.add_argument("--modes", default="shared", help="comma-separated: shared, exact")
+    parser.add_argument(
+        "--noise-floor", action="store_true", help="rerun the reference on other reference rows"
+    )
     parser.add_argument("--groups", default="noisy,clean", help="comma-separated: noisy, clean")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan.json"))
@@ -69,19 +80,22 @@ def main() -> None:
         i for i in torch.randperm(len(train), generator=gen).tolist() if i not in noisy_set
     ]
     groups = {"noisy": noisy_all[: args.n], "clean": clean_pool[: args.n]}
-    settings = ScanSettings(
-        max_units=args.max_units,
-        reference_size=args.reference_size,
-        batch_size=args.batch_size,
-        reference_mode=args.reference_mode,
-    )
     groups = {k: v for k, v in groups.items() if k in args.groups.split(",")}
+    variants = {
+        mode: ScanSettings(
+            max_units=args.max_units,
+            reference_size=args.reference_size,
+            batch_size=args.batch_size,
+            reference_mode=mode,
+        )
+        for mode in args.modes.split(",")
+    }
     auditor = Auditor(model, train, test, device=device)
     model = auditor.model.to(device).eval()
-    space = model.units()
 
     results: dict[str, Any] = {
-        "settings": settings.model_dump(),
+        "settings": next(iter(variants.values())).model_dump(exclude={"reference_mode"}),
+        "modes": list(variants),
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -89,98 +103,173 @@ def main() -> None:
         "groups": {},
     }
     for name, ids in groups.items():
-        report = auditor.scan(ids, settings=settings)
         flagged_rows = train.rows(ids)
+        settings = next(iter(variants.values()))
         # The reference and test rows Auditor.scan draws: two draws of its seeded generator.
         draw = torch.Generator().manual_seed(settings.seed)
         ref_rows = _sample(_complement(len(train), flagged_rows), settings.reference_size, draw)
         test_rows = _sample(torch.arange(len(test)), settings.eval_size, draw)
 
-        # The bare batched search (greedy only), timed like the reference.
+        sequential = functools.partial(
+            _sequential,
+            model,
+            train,
+            flagged_rows,
+            test=test,
+            test_rows=test_rows,
+            max_units=args.max_units,
+            device=device,
+        )
+        console.print(f"{name}: sequential reference ...")
         start = time.perf_counter()
-        batched_units: list[list[int]] = []
-        with UnitMasks(model.net, space) as masks:
-            ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
-            exact = (train.batch(ref_rows, device), train.labels[ref_rows].to(device))
-            ref_batch = exact if args.reference_mode == "exact" else None
-            for chunk in flagged_rows.split(args.batch_size):
-                x, y = train.batch(chunk, device), train.labels[chunk].to(device)
-                found = greedy_search(
-                    model,
-                    masks,
-                    x,
-                    y,
-                    settings=settings,
-                    reference_grad=ref_grad,
-                    generator=torch.Generator().manual_seed(0),
-                    reference_batch=ref_batch,
-                )
-                batched_units += [f.greedy if f.status.value == "flipped" else [] for f in found]
-        batched_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        seq = [
-            sequential_flip(
-                model,
-                train,
-                int(r),
-                ref_rows,
-                max_units=args.max_units,
-                device=device,
-                test=test,
-                test_rows=test_rows,
-            )
-            for r in flagged_rows.tolist()
-        ]
+        seq = sequential(ref_rows)
         seq_seconds = time.perf_counter() - start
         seq_search = seq_seconds - sum(s.eval_seconds for s in seq)
-
-        searched = [e for e in report.examples if e.status.value != "misclassified"]
-        both = [
-            (len(b), len(s.units))
-            for e, b, s in zip(report.examples, batched_units, seq, strict=True)
-            if e.status.value == "flipped" and s.flipped
-        ]
-        same_first = [
-            bool(b and s.units and b[0] == s.units[0])
-            for b, s in zip(batched_units, seq, strict=True)
-        ]
-        summary = report.summary
-        results["groups"][name] = {
+        group: dict[str, Any] = {
             "n": len(ids),
-            "flip_rate": summary.flip_rate,
-            "median_units_greedy": summary.median_units,
-            "mean_units_greedy": summary.mean_units,
-            "median_units_minimal": summary.median_units_minimal,
-            "mean_units_minimal": summary.mean_units_minimal,
-            "reference_accuracy_drop": summary.mean_reference_accuracy_drop,
-            "test_accuracy_drop": summary.mean_test_accuracy_drop,
-            "units_per_layer": {c.layer: c.count for c in summary.units_per_layer},
-            "depth_deciles": summary.depth_deciles,
-            "scan_seconds": report.timing.seconds,
-            "batched_search_seconds": batched_seconds,
             "sequential_seconds": seq_seconds,
-            "speedup_search_only": seq_search / batched_seconds,
-            "speedup_full": seq_seconds / report.timing.seconds,
-            "sequential_flip_rate": sum(s.flipped for s in seq) / max(1, len(searched)),
+            "sequential_search_seconds": seq_search,
+            "sequential_flip_rate": sum(s.flipped for s in seq) / max(1, len(seq)),
             "sequential_median_units": _median([len(s.units) for s in seq if s.flipped]),
             "sequential_mean_units": _mean([float(len(s.units)) for s in seq if s.flipped]),
-            "agreement_same_count": _mean([float(a == b) for a, b in both]),
-            "agreement_within_1": _mean([float(abs(a - b) <= 1) for a, b in both]),
-            "mean_abs_count_difference": _mean([float(abs(a - b)) for a, b in both]),
-            "same_first_unit": _mean([float(v) for v in same_first]),
+            "modes": {},
         }
+        if args.noise_floor:
+            console.print(f"{name}: sequential reference on other reference rows ...")
+            other = _sample(
+                _complement(len(train), flagged_rows),
+                settings.reference_size,
+                torch.Generator().manual_seed(settings.seed + 1),
+            )
+            again = sequential(other)
+            group["noise_floor"] = {
+                "sequential_median_units": _median([len(s.units) for s in again if s.flipped]),
+                **_agreement([s.units if s.flipped else [] for s in again], seq),
+            }
+        for mode, variant in variants.items():
+            console.print(f"{name}: {mode} ...")
+            report = auditor.scan(ids, settings=variant)
+            batched_units, batched_seconds = _bare_search(
+                model, train, flagged_rows, ref_rows, variant, device
+            )
+            group["modes"][mode] = _compare(
+                report, batched_units, batched_seconds, seq, seq_seconds, seq_search
+            )
+        results["groups"][name] = group
     g = results["groups"]
-    results["ratio_median_units_clean_over_noisy"] = _ratio(
-        g["clean"]["median_units_minimal"], g["noisy"]["median_units_minimal"]
-    )
-    results["ratio_mean_units_clean_over_noisy"] = _ratio(
-        g["clean"]["mean_units_minimal"], g["noisy"]["mean_units_minimal"]
-    )
+    if {"noisy", "clean"} <= g.keys():
+        for mode in variants:
+            noisy, clean = g["noisy"]["modes"][mode], g["clean"]["modes"][mode]
+            for stat in ("median", "mean"):
+                units = f"{stat}_units_minimal"
+                clean[f"ratio_{stat}_units_clean_over_noisy"] = _ratio(clean[units], noisy[units])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    Console().print(_table(results))
+    Console(width=200).print(_table(results))
     console.print(f"written to {args.out}")
+
+
+def _sequential(
+    model: Classifier,
+    train: ImageDataset,
+    flagged_rows: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    test: ImageDataset,
+    test_rows: torch.Tensor,
+    max_units: int,
+    device: torch.device,
+) -> list[SequentialResult]:
+    """The faithful sequential reference, one flagged row after the other."""
+    return [
+        sequential_flip(
+            model,
+            train,
+            int(r),
+            reference,
+            max_units=max_units,
+            device=device,
+            test=test,
+            test_rows=test_rows,
+        )
+        for r in flagged_rows.tolist()
+    ]
+
+
+def _bare_search(
+    model: Classifier,
+    train: ImageDataset,
+    flagged_rows: torch.Tensor,
+    ref_rows: torch.Tensor,
+    settings: ScanSettings,
+    device: torch.device,
+) -> tuple[list[list[int]], float]:
+    """The greedy search alone (no pruning, no evaluation), timed like the reference."""
+    start = time.perf_counter()
+    units: list[list[int]] = []
+    with UnitMasks(model.net, model.units()) as masks:
+        ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
+        exact = (train.batch(ref_rows, device), train.labels[ref_rows].to(device))
+        ref_batch = exact if settings.reference_mode == "exact" else None
+        for chunk in flagged_rows.split(settings.batch_size):
+            x, y = train.batch(chunk, device), train.labels[chunk].to(device)
+            found = greedy_search(
+                model,
+                masks,
+                x,
+                y,
+                settings=settings,
+                reference_grad=ref_grad,
+                generator=torch.Generator().manual_seed(0),
+                reference_batch=ref_batch,
+            )
+            units += [f.greedy if f.status.value == "flipped" else [] for f in found]
+    return units, time.perf_counter() - start
+
+
+def _compare(
+    report: ScanReport,
+    batched_units: list[list[int]],
+    batched_seconds: float,
+    seq: list[SequentialResult],
+    seq_seconds: float,
+    seq_search: float,
+) -> dict[str, Any]:
+    """One mode's scan, measured and compared with the sequential reference."""
+    summary = report.summary
+    return {
+        "flip_rate": summary.flip_rate,
+        "median_units_greedy": summary.median_units,
+        "mean_units_greedy": summary.mean_units,
+        "median_units_minimal": summary.median_units_minimal,
+        "mean_units_minimal": summary.mean_units_minimal,
+        "reference_accuracy_drop": summary.mean_reference_accuracy_drop,
+        "test_accuracy_drop": summary.mean_test_accuracy_drop,
+        "units_per_layer": {c.layer: c.count for c in summary.units_per_layer},
+        "depth_deciles": summary.depth_deciles,
+        "scan_seconds": report.timing.seconds,
+        "batched_search_seconds": batched_seconds,
+        "sequential_search_seconds": seq_search,
+        "speedup_search_only": seq_search / batched_seconds,
+        "speedup_full": seq_seconds / report.timing.seconds,
+        **_agreement(batched_units, seq),
+    }
+
+
+def _agreement(units: list[list[int]], seq: list[SequentialResult]) -> dict[str, Any]:
+    """How greedy unit lists (``[]``: did not flip) agree with the reference's, per example."""
+    both = [(len(u), len(s.units)) for u, s in zip(units, seq, strict=True) if u and s.flipped]
+    return {
+        "agreement_same_count": _mean([float(a == b) for a, b in both]),
+        "agreement_within_1": _mean([float(abs(a - b) <= 1) for a, b in both]),
+        "mean_abs_count_difference": _mean([float(abs(a - b)) for a, b in both]),
+        "same_first_unit": _mean(
+            [
+                float(bool(u and s.units and u[0] == s.units[0]))
+                for u, s in zip(units, seq, strict=True)
+            ]
+        ),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -189,9 +278,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _table(results: dict[str, Any]) -> Table:
     table = Table(title=f"scan benchmark ({results['device']}, {results['threads']} threads)")
-    table.add_column("metric")
-    for name in results["groups"]:
-        table.add_column(name, justify="right")
+    table.add_column("metric", no_wrap=True)
+    columns = [
+        (group, group["modes"][mode])
+        for group in results["groups"].values()
+        for mode in group["modes"]
+    ]
+    for name, group in results["groups"].items():
+        for mode in group["modes"]:
+            table.add_column(f"{name}\n{mode}", justify="right")
 
     def fmt(value: Any) -> str:
         if value is None:
@@ -200,8 +295,9 @@ def _table(results: dict[str, Any]) -> Table:
             return f"{value:.3g}"
         return str(value)
 
-    keys = [
-        "n",
+    for key in ["n", "sequential_flip_rate", "sequential_median_units", "sequential_mean_units"]:
+        table.add_row(key, *(fmt(g[key]) for g, _ in columns))
+    for key in [
         "flip_rate",
         "median_units_greedy",
         "mean_units_greedy",
@@ -209,24 +305,23 @@ def _table(results: dict[str, Any]) -> Table:
         "mean_units_minimal",
         "reference_accuracy_drop",
         "test_accuracy_drop",
-        "scan_seconds",
-        "batched_search_seconds",
-        "sequential_seconds",
-        "speedup_search_only",
-        "speedup_full",
-        "sequential_flip_rate",
-        "sequential_median_units",
-        "sequential_mean_units",
         "agreement_same_count",
         "agreement_within_1",
         "mean_abs_count_difference",
         "same_first_unit",
-    ]
-    for key in keys:
-        table.add_row(key, *(fmt(g[key]) for g in results["groups"].values()))
-    median = fmt(results["ratio_median_units_clean_over_noisy"])
-    mean = fmt(results["ratio_mean_units_clean_over_noisy"])
-    table.caption = f"clean/noisy units (minimal): median x{median}, mean x{mean}"
+        "scan_seconds",
+        "batched_search_seconds",
+        "sequential_search_seconds",
+        "speedup_search_only",
+        "speedup_full",
+        "ratio_median_units_clean_over_noisy",
+        "ratio_mean_units_clean_over_noisy",
+    ]:
+        table.add_row(key, *(fmt(v.get(key)) for _, v in columns))
+    table.add_row("sequential_seconds", *(fmt(g["sequential_seconds"]) for g, _ in columns))
+    for key in ["sequential_median_units", "agreement_within_1", "mean_abs_count_difference"]:
+        cells = (fmt(g.get("noise_floor", {}).get(key)) for g, _ in columns)
+        table.add_row(f"noise_floor_{key}", *cells)
     return table
 
 

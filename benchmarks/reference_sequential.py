@@ -54,7 +54,7 @@ def _accuracy(
 ) -> float:
     correct = sum(
         int((net(data.batch(c, device)).argmax(1) == data.labels[c].to(device)).sum())
-        for c in rows.split(512)
+        for c in rows.split(256)  # the fastest CPU batch, as in memaudit's evaluation
     )
     return correct / max(1, len(rows))
 

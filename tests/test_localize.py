@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memaudit import Auditor, MemauditError
 from memaudit.data import ImageDataset
+from memaudit.localize import SCORERS, ScoreContext, scan_settings
+from memaudit.masks import UnitMasks
 from memaudit.models import Preprocess, load_model
 from memaudit.report import ScanReport, Status
 
@@ -276,3 +279,39 @@ def test_exact_reference_mode(tiny: tuple[nn.Module, ImageDataset, ImageDataset]
     assert [u[:1] for u in _units(batched)] == [u[:1] for u in _units(shared)]
     with pytest.raises(MemauditError, match="reference_mode"):
         auditor.scan(ids, reference_mode="approximate")
+
+
+def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """In exact mode an example's score is d/dm of its whole objective at its own mask (checked
+    against autograd on one example with some units already zeroed)."""
+    model, data, _ = tiny
+    classifier = Auditor(model, data, device="cpu").model.eval()
+    space = classifier.units()
+    x, y = data.batch(torch.arange(3), "cpu"), data.labels[:3]
+    ref = torch.arange(3, 11)
+    ref_x, ref_y = data.batch(ref, "cpu"), data.labels[ref]
+    mask = torch.ones(3, space.total)
+    mask[1, :5] = 0
+    settings = scan_settings(reference_size=8, reference_mode="exact")
+    with UnitMasks(classifier.net, space) as masks:
+        ctx = ScoreContext(
+            classifier,
+            masks,
+            x,
+            y,
+            mask,
+            torch.zeros(space.total),
+            settings,
+            torch.Generator(),
+            reference_x=ref_x,
+            reference_y=ref_y,
+        )
+        scores = SCORERS["grad-x-act"](ctx)
+        one = mask[1:2].clone().requires_grad_(True)
+        masks.mask = one.expand(1 + len(ref), -1)
+        logits = classifier(torch.cat([x[1:2], ref_x]))
+        objective = -F.cross_entropy(logits[:1], y[1:2]) + F.cross_entropy(logits[1:], ref_y)
+        (expected,) = torch.autograd.grad(objective, one)
+    torch.testing.assert_close(scores[1], expected[0], rtol=1e-4, atol=1e-6)
