@@ -18,7 +18,7 @@ from memaudit.cli import main
 from memaudit.data import write_ids
 from memaudit.errors import MemauditError
 from memaudit.models import DataRef, Preprocess, build_model, save_model
-from memaudit.report import AuditReport, read_html
+from memaudit.report import AuditReport, ReportError, read_html
 from memaudit.report.markdown import md, render_markdown
 from memaudit.testbed import train
 
@@ -179,6 +179,14 @@ def test_cli_audit_writes_everything_and_reports_round_trip(
     capsys.readouterr()
     assert main(["report", str(out / "audit.json")]) == 0
     assert "**Verdict**" in capsys.readouterr().out
+    # A newer schema is refused, also for the scan nested in the audit.
+    raw = json.loads((out / "audit.json").read_text())
+    for where in (raw, raw["scan"]):
+        newer = json.loads(json.dumps(raw))
+        (newer if where is raw else newer["scan"])["schema_version"] = 99
+        (out / "newer.json").write_text(json.dumps(newer))
+        with pytest.raises(ReportError, match=r"schema version 99.*upgrade memaudit"):
+            AuditReport.from_json(out / "newer.json")
 
 
 def test_cli_audit_images_are_off_by_default(bed: dict[str, Path]) -> None:

@@ -6,9 +6,9 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from memaudit._version import __version__
 from memaudit.errors import MemauditError, validation_problem
@@ -32,6 +32,18 @@ class Report(BaseModel):
     schema_version: int
     memaudit_version: str = __version__
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_schema(cls, raw: Any) -> Any:
+        """Refuse a newer schema, also for a report nested in another (a scan in an audit)."""
+        version = raw.get("schema_version") if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > cls.SCHEMA_VERSION:
+            raise ValueError(
+                f"{cls.KIND} schema version {version} is newer than this memaudit reads "
+                f"({cls.SCHEMA_VERSION}); upgrade memaudit"
+            )
+        return raw
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the report as indented JSON."""
