@@ -45,6 +45,16 @@ class ResNet9(nn.Module):
         self.layer3 = nn.Sequential(_conv_bn(4 * w, 8 * w, pool=True), _Residual(8 * w))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(8 * w, num_classes)
+        # Stage outputs, in timm's convention (where example-tied dropout goes by default).
+        self.feature_info = [
+            {"module": name, "num_chs": chs, "reduction": red}
+            for name, chs, red in (
+                ("prep", w, 1),
+                ("layer1", 2 * w, 2),
+                ("layer2", 4 * w, 4),
+                ("layer3", 8 * w, 8),
+            )
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))

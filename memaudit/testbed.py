@@ -8,6 +8,7 @@ flags beyond ``--flagged``.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,9 +81,13 @@ class TestbedResult(BaseModel):
     test_accuracy: float
     seconds: float
     dropout_modes: dict[str, ModeAccuracy] | None = Field(
-        None, description="with example-tied dropout: accuracies in expectation and drop mode"
+        None,
+        description="with example-tied dropout: accuracies in expectation mode, drop mode, and "
+        "drop mode with BatchNorm statistics recomputed on the training images",
     )
-    drop_model: str | None = Field(None, description="the drop-mode model (plain checkpoint)")
+    drop_model: str | None = Field(
+        None, description="the drop-mode model, BatchNorm recalibrated (plain checkpoint)"
+    )
 
 
 def label_noise(
@@ -331,9 +336,19 @@ def build_testbed(
     clean_rows = _complement(len(train_set), noisy_ids)
     modes, drop_path = None, None
     if binding is not None:
-        modes = _mode_accuracies(model, train_set, test_set, noisy_ids, clean_rows, device)
-        drop_path = str(save_model(_plain(model, "drop").cpu(), root / "model_drop.safetensors"))
-        model = _plain(model, "expectation")
+        plain = _mode_models(model, train_set, device, cfg.batch_size)
+        modes = {
+            mode: ModeAccuracy(
+                noisy_train=accuracy(m, train_set, noisy_ids, device=device),
+                clean_train=accuracy(m, train_set, clean_rows, device=device),
+                test=accuracy(m, test_set, device=device),
+            )
+            for mode, m in plain.items()
+        }
+        drop_path = str(
+            save_model(plain["drop-recalibrated"].cpu(), root / "model_drop.safetensors")
+        )
+        model = plain["expectation"]
     model_path = save_model(model.cpu(), root / "model.safetensors")
     result = TestbedResult(
         config=cfg,
@@ -371,26 +386,18 @@ def _plain(model: Classifier, mode: Any) -> Classifier:
     return plain_copy(model, mode=mode) if dropout_layers(model) else model
 
 
-def _mode_accuracies(
-    model: Classifier,
-    train_set: ImageDataset,
-    test_set: ImageDataset,
-    noisy: torch.Tensor,
-    clean: torch.Tensor,
-    device: str | torch.device,
-) -> dict[str, ModeAccuracy]:
-    from memaudit.dropout import set_mode
+def _mode_models(
+    model: Classifier, train_set: ImageDataset, device: torch.device, batch_size: int
+) -> dict[str, Classifier]:
+    """Plain copies of an example-tied-dropout model in each evaluation mode, and the drop-mode
+    copy with its BatchNorm statistics recomputed on the training images."""
+    from memaudit.dropout import recalibrate_norms
 
-    out = {}
-    for mode in ("expectation", "drop"):
-        set_mode(model, mode)
-        out[mode] = ModeAccuracy(
-            noisy_train=accuracy(model, train_set, noisy, device=device),
-            clean_train=accuracy(model, train_set, clean, device=device),
-            test=accuracy(model, test_set, device=device),
-        )
-    set_mode(model, "train")
-    return out
+    modes = {mode: _plain(model, mode) for mode in ("expectation", "drop")}
+    recalibrated = copy.deepcopy(modes["drop"])
+    rows = torch.arange(len(train_set)).split(batch_size)
+    recalibrate_norms(recalibrated, (train_set.batch(r, device) for r in rows))
+    return {**modes, "drop-recalibrated": recalibrated}
 
 
 def _complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:

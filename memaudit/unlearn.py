@@ -193,12 +193,15 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     (``p_gen=0.2`` with ``tie="flagged"``: 0.8% flagged, 99.7% retained accuracy). Three epochs
     (0.25% flagged, 99.7% retained, 97.7% test) cost about a sixth of retraining; five gave 0%
     / 99.97% / 97.7%. The fine-tuning uses the one-cycle SGD of :func:`memaudit.testbed.train`.
+    The layers go after every conv / linear layer (:func:`~memaudit.dropout.conv_layers`, the
+    setting measured here), where the drop-mode scaling folds into any architecture.
     """
-    from memaudit.dropout import bind_ids, insert_dropout, remove_dropout
+    from memaudit.dropout import bind_ids, conv_layers, insert_dropout, remove_dropout
 
     model = job.model
     insert_dropout(
         model,
+        after=conv_layers(model),
         p_gen=float(job.options["p_gen"]),
         p_mem=float(job.options["p_mem"]),
         seed=job.seed,

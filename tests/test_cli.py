@@ -18,7 +18,7 @@ from conftest import tiny_cnn
 from memaudit import __version__
 from memaudit.cli import EXIT_OK, EXIT_USAGE, main
 from memaudit.cli._app import app
-from memaudit.models import build_model, save_model
+from memaudit.models import build_model, load_model, save_model
 
 
 def _commands(group: object, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -165,11 +165,13 @@ def test_testbed_command_on_a_tiny_dataset(
     )
     out = tmp_path / "tb"
     argv = ["testbed", "--data", str(tmp_path / "src.npz"), "--epochs", "1", "--out", str(out)]
-    assert main([*argv, "--device", "cpu"]) == EXIT_OK
+    _fails_cleanly(capsys, [*argv, "--arch-config", "width"], "--arch-config takes KEY=VALUE")
+    assert main([*argv, "--arch-config", "width=4", "--device", "cpu"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "noisy train" in captured.out and "test" in captured.out
     assert "warning" not in captured.err, captured.err
     assert (out / "model.safetensors").is_file() and (out / "testbed.json").is_file()
+    assert load_model(out / "model.safetensors").info.arch_config == {"width": 4}
 
 
 def test_demo_reuses_a_built_testbed(

@@ -13,12 +13,15 @@ from torch import nn
 from memaudit.dropout import (
     ExampleTiedDropout,
     bind_ids,
+    conv_layers,
     default_layers,
     dropout_layers,
     insert_dropout,
     plain_copy,
+    recalibrate_norms,
     remove_dropout,
     set_mode,
+    stage_outputs,
     tied_draws,
 )
 from memaudit.errors import MemauditError
@@ -137,11 +140,58 @@ def test_insert_then_remove_restores_the_model(make: object) -> None:
     assert torch.equal(net(x), before) and list(net.state_dict()) == keys
 
 
-def test_default_layers_follow_batch_norm_and_skip_the_head() -> None:
-    net = tiny_resnet()
-    names = default_layers(net)
-    assert names[0] == "net.prep.1" or names[0] == "prep.1"
+def test_conv_layers_follow_batch_norm_and_skip_the_head() -> None:
+    names = conv_layers(tiny_resnet())
+    assert names[0] == "prep.1"
     assert all(not n.endswith("fc") for n in names)
+
+
+def test_default_layers_are_stage_outputs_when_they_fold() -> None:
+    """Stages (feature_info) by default; a timm ResNet's stages feed identity shortcuts, which
+    a plain model cannot fold the scaling into, so it gets dropout after every conv layer."""
+    assert default_layers(tiny_resnet()) == ["prep", "layer1", "layer2", "layer3"]
+    timm_net = build_model("timm:test_resnet", num_classes=3, in_chans=1)
+    assert stage_outputs(timm_net)[1:] == ["layer1", "layer2", "layer3", "layer4"]
+    assert default_layers(timm_net) == conv_layers(timm_net)
+
+
+@pytest.mark.parametrize("mode", ["drop", "expectation"])
+def test_stage_dropout_folds_into_the_layers_that_read_it(mode: str) -> None:
+    """After a block, the scaling folds into the next convs and, through the max-pool, into the
+    head: the plain model computes what the model with dropout computed."""
+    net = tiny_resnet().eval()
+    x = torch.randn(3, 1, 12, 12)
+    insert_dropout(net, p_gen=0.5, p_mem=0.5)
+    set_mode(net, mode)  # type: ignore[arg-type]
+    with torch.no_grad():
+        expected = net(x)
+        plain = plain_copy(net, mode=mode)  # type: ignore[arg-type]
+        torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-6)
+    assert not dropout_layers(plain)
+
+
+def test_unfoldable_dropout_is_a_clear_error_and_changes_nothing() -> None:
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.block(x)
+            return (h + self.conv(h)).mean((2, 3))  # h also feeds a residual sum
+
+    net = Skip().eval()
+    insert_dropout(net, after=["block"], p_gen=0.5, p_mem=0.5)
+    set_mode(net, "expectation")
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        before = net(x)
+    with pytest.raises(MemauditError, match="cannot fold the example-tied dropout after 'block'"):
+        remove_dropout(net, fold="drop", example=x)
+    assert list(dropout_layers(net)) == ["block"]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)
 
 
 def test_training_without_ids_is_a_clear_error() -> None:
@@ -185,8 +235,9 @@ def test_bad_settings_are_clear_errors() -> None:
         insert_dropout(nn.Sequential(nn.Linear(2, 2)), after=["nope"])
     net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
     insert_dropout(net, after=["1"])
-    with pytest.raises(MemauditError, match="cannot fold"):
-        remove_dropout(net, fold="drop")
+    with pytest.raises(MemauditError, match="needs an example input"):
+        remove_dropout(net, fold="drop")  # a plain module has no known input shape
+    assert remove_dropout(net, fold="drop", example=torch.randn(2, 2)) == ["1"]
 
 
 @pytest.mark.parametrize("kind", ["vit", "convnext"])
@@ -204,3 +255,17 @@ def test_hugging_face_models_insert_fold_and_restore(kind: str, hf_dirs: dict[st
     remove_dropout(model)
     torch.testing.assert_close(model(x), before)
     assert list(model.state_dict()) == keys
+
+
+def test_recalibrate_norms_recomputes_batch_norm_statistics_only() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, momentum=0.3), nn.ReLU()).eval()
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    batches = [torch.randn(4, 1, 6, 6) * 2 + 1 for _ in range(3)]
+    assert recalibrate_norms(net, iter(batches)) == 1
+    with torch.no_grad():
+        features = net[0](torch.cat(batches))
+    norm = net[1]
+    assert isinstance(norm, nn.BatchNorm2d) and norm.running_mean is not None
+    torch.testing.assert_close(norm.running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert norm.momentum == 0.3 and not net.training
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())

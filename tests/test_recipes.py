@@ -67,7 +67,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     for name in ("gradients", "rewind", "retrain", "audit"):
         assert json.loads((out / f"{name}.json").read_text())["kind"] == name
     etd = json.loads((out / "testbed-etd" / "testbed.json").read_text())
-    assert set(etd["dropout_modes"]) == {"expectation", "drop"}
+    assert set(etd["dropout_modes"]) == {"expectation", "drop", "drop-recalibrated"}
     page = (out / "report.html").read_text()
     assert "memaudit recipe: tiny" in page
     assert isinstance(Recipe.model_json_schema(), dict)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import DeviceOpt
+from memaudit.errors import MemauditError
 from memaudit.testbed import (
     EpochEnd,
     TestbedConfig,
@@ -95,6 +96,14 @@ def testbed(
     arch: Annotated[
         str, typer.Option(help="memaudit:resnet9 or any timm:NAME.")
     ] = "memaudit:resnet9",
+    arch_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arch-config",
+            metavar="KEY=VALUE",
+            help="Architecture setting KEY=VALUE, repeatable (memaudit:resnet9: width=32).",
+        ),
+    ] = None,
     noise: Annotated[float, typer.Option(help="Fraction of training labels to corrupt.")] = 0.1,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 0.05,
@@ -114,6 +123,7 @@ def testbed(
     config = TestbedConfig(
         data=data,
         arch=arch,
+        arch_config=_settings(arch_config or []),
         noise=noise,
         epochs=epochs,
         lr=lr,
@@ -124,3 +134,21 @@ def testbed(
     )
     result = run_testbed(out_dir, config, device)
     out.print(testbed_table(result))
+
+
+def _settings(pairs: list[str]) -> dict[str, int | float | str]:
+    """``["width=32"]`` as ``{"width": 32}`` (numbers parsed); one-line errors."""
+    settings: dict[str, int | float | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MemauditError(f"--arch-config takes KEY=VALUE, got {pair!r}")
+        for kind in (int, float):
+            try:
+                settings[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            settings[key] = value
+    return settings
