@@ -219,7 +219,7 @@ def _folds(model: nn.Module, names: list[str]) -> bool:
     insert_dropout(trial, after=names)
     try:
         remove_dropout(trial, fold="drop")
-    except MemauditError:
+    except (MemauditError, RuntimeError, ValueError):  # e.g. the traced input has a wrong shape
         return False
     return True
 
