@@ -155,6 +155,15 @@ def test_default_layers_are_stage_outputs_when_they_fold() -> None:
     assert default_layers(timm_net) == conv_layers(timm_net)
 
 
+def test_timm_stages_that_fold_get_stage_dropout_and_fold_exactly() -> None:
+    net = build_model("timm:test_efficientnet", num_classes=3, in_chans=3).eval()
+    assert insert_dropout(net, p_gen=0.25, p_mem=0.5) == stage_outputs(net)
+    x = torch.randn(2, 3, 40, 40)  # another size than the traced example
+    set_mode(net, "drop")
+    with torch.no_grad():
+        torch.testing.assert_close(plain_copy(net)(x), net(x), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["drop", "expectation"])
 def test_stage_dropout_folds_into_the_layers_that_read_it(mode: str) -> None:
     """After a block, the scaling folds into the next convs and, through the max-pool, into the
