@@ -334,18 +334,12 @@ def set_mode(model: nn.Module, mode: DropoutMode) -> None:
 
 @torch.no_grad()
 def _fold(module: nn.Module, scale: torch.Tensor) -> None:
-    """Multiply the output channels of a conv / linear / batch-norm layer by ``scale``."""
-    if isinstance(module, (*_CONV, nn.Linear)) or (
-        type(module) in _BATCHNORM and getattr(module, "affine", False)
-    ):
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]  # checked above
-        view = [-1] + [1] * (weight.ndim - 1)
-        weight.mul_(scale.to(weight).reshape(view))
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias.mul_(scale.to(bias))
-        return
-    raise MemauditError(f"cannot fold a scaling into a {type(module).__name__}")
+    """Multiply the output channels of a conv / linear / affine batch-norm layer by ``scale``."""
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]  # see _out_channels
+    weight.mul_(scale.to(weight).reshape([-1] + [1] * (weight.ndim - 1)))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        bias.mul_(scale.to(bias))
 
 
 def _unfoldable(name: str) -> MemauditError:
@@ -463,33 +457,43 @@ def remove_dropout(
             raise MemauditError("fold the 'expectation' or 'drop' mode; 'train' is random")
     net, _ = _net(model)
     wrapped = [(n, m) for n, m in net.named_modules() if isinstance(m, WithDropout)]
-    if fold is not None:
-        modes = {n: m.dropout.mode for n, m in wrapped}
-        set_mode(model, fold)
-        try:
-            for name, module in wrapped:
-                channels = _out_channels(module.inner)
-                if channels is not None:
-                    _fold(module.inner, module.dropout.scale(channels, fold))
-                    _unwrap(net, name)
-                    continue
-                if example is None:
-                    example = _example_input(model)
-                was_training = model.training
-                model.eval()
-                try:
-                    _fold_into_readers(model, net, name, fold, example)
-                finally:
-                    model.train(was_training)
-        except MemauditError:
-            for n, mode in modes.items():  # what is left keeps its dropout, in its mode
-                if isinstance(layer := net.get_submodule(n), WithDropout):
-                    layer.dropout.mode = mode
-            raise
-    for name, _ in wrapped:
-        if isinstance(net.get_submodule(name), WithDropout):
+    if fold is None:
+        for name, _ in wrapped:
             _unwrap(net, name)
+    else:
+        _fold_all(model, net, wrapped, fold, example)
     return [name for name, _ in wrapped]
+
+
+def _fold_all(
+    model: nn.Module,
+    net: nn.Module,
+    wrapped: list[tuple[str, WithDropout]],
+    fold: DropoutMode,
+    example: torch.Tensor | None,
+) -> None:
+    """Fold and unwrap every layer of ``wrapped``; on an error the rest keep their dropout."""
+    modes = {name: module.dropout.mode for name, module in wrapped}
+    was_training = model.training
+    set_mode(model, fold)
+    model.eval()
+    try:
+        for name, module in wrapped:
+            channels = _out_channels(module.inner)
+            if channels is not None:
+                _fold(module.inner, module.dropout.scale(channels, fold))
+                _unwrap(net, name)
+                continue
+            if example is None:
+                example = _example_input(model)
+            _fold_into_readers(model, net, name, fold, example)
+    except MemauditError:
+        for name, mode in modes.items():
+            if isinstance(layer := net.get_submodule(name), WithDropout):
+                layer.dropout.mode = mode
+        raise
+    finally:
+        model.train(was_training)
 
 
 def _unwrap(net: nn.Module, name: str) -> None:

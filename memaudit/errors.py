@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class MemauditError(Exception):
@@ -20,5 +25,18 @@ def validation_problem(error: ValidationError) -> str:
     """The first problem of a pydantic error as ``'where: what'`` (one line)."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    return f"{where}: {what}"
+    if first["type"] == "extra_forbidden":
+        what = "unknown key"
+    elif first["type"] == "value_error":  # a validator's own message, without pydantic's prefix
+        what = str(first.get("ctx", {}).get("error", first["msg"]))
+    else:
+        what = first["msg"]
+    return f"{where}: {what}" if where else what
+
+
+def validated(model: type[M], values: Mapping[str, Any], what: str) -> M:
+    """``model`` validated from ``values``, or one-line error naming ``what`` and the problem."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise MemauditError(f"invalid {what} {validation_problem(err)}") from None

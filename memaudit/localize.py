@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
 from memaudit.data import ImageDataset
-from memaudit.errors import MemauditError, validation_problem
+from memaudit.errors import MemauditError, validated
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.report._scan import ExampleResult, ScanSettings, Status, UnitRef
@@ -353,10 +352,7 @@ def to_result(
 def scan_settings(base: ScanSettings | None = None, **overrides: Any) -> ScanSettings:
     """``base`` (or the defaults) with ``overrides``, validated; one-line errors."""
     values = {**(base or ScanSettings()).model_dump(), **overrides}
-    try:
-        settings = ScanSettings.model_validate(values)
-    except ValidationError as err:
-        raise MemauditError(f"invalid scan setting {validation_problem(err)}") from None
+    settings = validated(ScanSettings, values, "scan setting")
     if settings.scorer not in SCORERS:
         raise MemauditError(f"unknown scorer {settings.scorer!r}; choose from {', '.join(SCORERS)}")
     return settings

@@ -268,9 +268,16 @@ def build_model(
     prefix, name = _split_arch(arch)
     family = FAMILIES[prefix]
     cfg = dict(config or {})
-    net = family.build(
-        name, num_classes=num_classes, in_chans=in_chans, config=cfg, pretrained=pretrained
-    )
+    try:
+        net = family.build(
+            name, num_classes=num_classes, in_chans=in_chans, config=cfg, pretrained=pretrained
+        )
+    except (TypeError, ValueError) as err:
+        if not cfg:
+            raise
+        raise MemauditError(
+            f"cannot build {arch} with options {cfg} ({err}); check the architecture's options"
+        ) from None
     hf_config: Any = getattr(net, "config", None)
     if prefix == "hf" and pretrained:
         num_classes = int(hf_config.num_labels)

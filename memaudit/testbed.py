@@ -266,11 +266,16 @@ def build_testbed(
     cfg = config or TestbedConfig()
     device = pick_device(device)  # fail on a bad device before writing anything
     start = time.perf_counter()
-    root = Path(out)
-    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     arrays = _source_arrays(cfg)
     true_labels = torch.as_tensor(arrays["train_labels"], dtype=torch.long)
     num_classes = max(int(true_labels.max()), int(arrays["test_labels"].max())) + 1
+    # mnist arrays are [N, H, W]; datasets read from disk are [N, C, H, W].
+    channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[1])
+    model = build_model(  # a bad architecture or option fails before anything is written
+        cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
+    )
+    root = Path(out)
+    (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     noisy, noisy_ids = label_noise(
         true_labels, fraction=cfg.noise, num_classes=num_classes, seed=cfg.seed
     )
@@ -284,11 +289,6 @@ def build_testbed(
         comment=f"training rows of {data_path.name} whose labels were corrupted (seed {cfg.seed})",
     )
 
-    # mnist arrays are [N, H, W]; datasets read from disk are [N, C, H, W].
-    channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[1])
-    model = build_model(
-        cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
-    )
     mean, std = (MNIST_MEAN, MNIST_STD) if cfg.data == "mnist" else ((0.5,), (0.5,))
     size = cfg.image_size or int(arrays["train_images"].shape[-1])
     model.info.preprocess = Preprocess(image_size=size, mean=mean, std=std)

@@ -166,6 +166,8 @@ def test_testbed_command_on_a_tiny_dataset(
     out = tmp_path / "tb"
     argv = ["testbed", "--data", str(tmp_path / "src.npz"), "--epochs", "1", "--out", str(out)]
     _fails_cleanly(capsys, [*argv, "--arch-config", "width"], "--arch-config takes KEY=VALUE")
+    _fails_cleanly(capsys, [*argv, "--noise", "2"], "invalid testbed setting noise")
+    _fails_cleanly(capsys, [*argv, "--arch-config", "depth=3"], "cannot build memaudit:resnet9")
     assert main([*argv, "--arch-config", "width=4", "--device", "cpu"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "noisy train" in captured.out and "test" in captured.out

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import torch
 import typer
+import yaml
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -18,13 +20,12 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import DeviceOpt
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validated
 from memaudit.testbed import (
     EpochEnd,
     TestbedConfig,
     TestbedResult,
     build_testbed,
-    pick_device,
 )
 
 
@@ -56,14 +57,17 @@ class StageBars:
 
 def run_testbed(out_dir: Path, config: TestbedConfig, device: str) -> TestbedResult:
     """Build the testbed with a progress bar."""
-    pick_device(device)  # a bad --device fails before the progress bar starts
     with progress() as bar:
-        task = bar.add_task("training", total=config.epochs, status="")
+        tasks: list[TaskID] = []  # the bar appears with the first batch: setup errors stay alone
+
+        def on_batch(ids: torch.Tensor) -> None:
+            if not tasks:
+                tasks.append(bar.add_task("training", total=config.epochs, status=""))
 
         def on_epoch(event: EpochEnd) -> None:
-            bar.update(task, completed=event.epoch, status=f"loss {event.loss:.3f}")
+            bar.update(tasks[0], completed=event.epoch, status=f"loss {event.loss:.3f}")
 
-        return build_testbed(out_dir, config, device=device, on_epoch=on_epoch)
+        return build_testbed(out_dir, config, device=device, on_epoch=on_epoch, on_batch=on_batch)
 
 
 def testbed_table(result: TestbedResult) -> Table:
@@ -120,35 +124,29 @@ def testbed(
     device: DeviceOpt = "auto",
 ) -> None:
     """Build the paper's label-noise testbed and train a model that memorizes the noisy labels."""
-    config = TestbedConfig(
-        data=data,
-        arch=arch,
-        arch_config=_settings(arch_config or []),
-        noise=noise,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        image_size=image_size,
-        seed=seed,
-        example_tied_dropout=example_tied_dropout,
-    )
+    values = {
+        "data": data,
+        "arch": arch,
+        "arch_config": _settings(arch_config or []),
+        "noise": noise,
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "seed": seed,
+        "example_tied_dropout": example_tied_dropout,
+    }
+    config = validated(TestbedConfig, values, "testbed setting")
     result = run_testbed(out_dir, config, device)
     out.print(testbed_table(result))
 
 
-def _settings(pairs: list[str]) -> dict[str, int | float | str]:
-    """``["width=32"]`` as ``{"width": 32}`` (numbers parsed); one-line errors."""
-    settings: dict[str, int | float | str] = {}
+def _settings(pairs: list[str]) -> dict[str, Any]:
+    """``["width=32"]`` as ``{"width": 32}`` (values read as YAML scalars); one-line errors."""
+    settings: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MemauditError(f"--arch-config takes KEY=VALUE, got {pair!r}")
-        for kind in (int, float):
-            try:
-                settings[key] = kind(value)
-                break
-            except ValueError:
-                continue
-        else:
-            settings[key] = value
+        settings[key] = yaml.safe_load(value)
     return settings

@@ -82,11 +82,6 @@ class Report(BaseModel):
             raise ReportError(f"{source} is not a memaudit report (no kind/schema_version)")
         if raw["kind"] != cls.KIND:
             raise ReportError(f"{source} is a {raw['kind']!r} report, not a {cls.KIND!r} report")
-        if int(raw["schema_version"]) > cls.SCHEMA_VERSION:
-            raise ReportError(
-                f"{source} has schema version {raw['schema_version']}, newer than this memaudit "
-                f"reads ({cls.SCHEMA_VERSION}); upgrade memaudit"
-            )
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
