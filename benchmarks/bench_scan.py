@@ -53,10 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbed", default="memaudit-demo/testbed", type=Path)
     parser.add_argument("--n", type=int, default=50, help="examples per group")
+    parser.add_argument(
+        "--skip", type=int, default=0, help="skip this many examples of each group (held-out runs)"
+    )
     parser.add_argument("--max-units", type=int, default=64)
     parser.add_argument("--reference-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--modes", default="shared", help="comma-separated: shared, exact")
+    parser.add_argument("--modes", default="shared", help="comma-separated: shared, refreshed, exact")
     parser.add_argument(
         "--noise-floor", action="store_true", help="rerun the reference on other reference rows"
     )
@@ -79,7 +82,8 @@ def main() -> None:
     clean_pool = [
         i for i in torch.randperm(len(train), generator=gen).tolist() if i not in noisy_set
     ]
-    groups = {"noisy": noisy_all[: args.n], "clean": clean_pool[: args.n]}
+    picked = slice(args.skip, args.skip + args.n)
+    groups = {"noisy": noisy_all[picked], "clean": clean_pool[picked]}
     groups = {k: v for k, v in groups.items() if k in args.groups.split(",")}
     variants = {
         mode: ScanSettings(
@@ -96,6 +100,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "settings": next(iter(variants.values())).model_dump(exclude={"reference_mode"}),
         "modes": list(variants),
+        "skip": args.skip,
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -210,7 +215,7 @@ def _bare_search(
     with UnitMasks(model.net, model.units()) as masks:
         ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
         exact = (train.batch(ref_rows, device), train.labels[ref_rows].to(device))
-        ref_batch = exact if settings.reference_mode == "exact" else None
+        ref_batch = exact if settings.reference_mode != "shared" else None
         for chunk in flagged_rows.split(settings.batch_size):
             x, y = train.batch(chunk, device), train.labels[chunk].to(device)
             found = greedy_search(

@@ -103,16 +103,12 @@ class Auditor:
         if on_progress:
             on_progress(len(results), len(ids))
         with UnitMasks(model.net, space) as masks:
+            ref_grad = reference_gradient(model, masks, self.train, ref_rows, device=self.device)
             ref_batch = None
-            if cfg.reference_mode == "exact":
-                ref_grad = torch.zeros(space.total, device=self.device)
+            if cfg.reference_mode != "shared":
                 ref_batch = (
                     self.train.batch(ref_rows, self.device),
                     self.train.labels[ref_rows].to(self.device),
-                )
-            else:
-                ref_grad = reference_gradient(
-                    model, masks, self.train, ref_rows, device=self.device
                 )
             for chunk in _chunks(todo, cfg.batch_size):
                 chunk_rows = torch.tensor([r for _, r in chunk])

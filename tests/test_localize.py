@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memaudit import Auditor, MemauditError
+from memaudit import Auditor, MemauditError, localize
 from memaudit.data import ImageDataset
-from memaudit.localize import SCORERS, ScoreContext, scan_settings
+from memaudit.localize import SCORERS, ScoreContext, exact_reference_grad, scan_settings
 from memaudit.masks import UnitMasks
 from memaudit.models import Preprocess, load_model
 from memaudit.report import ScanReport, Status
@@ -281,6 +282,37 @@ def test_exact_reference_mode(tiny: tuple[nn.Module, ImageDataset, ImageDataset]
         auditor.scan(ids, reference_mode="approximate")
 
 
+def test_refreshed_reference_mode(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Examples that flip within ``shared_units`` keep the shared answer; the others are searched
+    again with the reference term recomputed after 1, 2, 4, ... units; batched = one at a time."""
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    ids = list(range(8))
+    options = {"max_units": 20, "reference_size": 8, "prune": False}
+    shared = auditor.scan(ids, reference_mode="shared", **options)
+    refreshed = auditor.scan(ids, reference_mode="refreshed", shared_units=2, **options)
+    short = [i for i, e in enumerate(shared.examples) if e.flipped and e.n_units <= 2]
+    assert short and len(short) < len(ids)  # both paths run
+    assert [_units(refreshed)[i] for i in short] == [_units(shared)[i] for i in short]
+    everything = auditor.scan(ids, reference_mode="refreshed", shared_units=20, **options)
+    assert _units(everything) == _units(shared)
+
+    seen: list[int] = []
+    exact = localize.exact_reference_grad
+
+    def spy(*args: Any) -> torch.Tensor:
+        seen.extend(int(n) for n in (args[2] == 0).sum(1).unique())
+        return exact(*args)
+
+    monkeypatch.setattr(localize, "exact_reference_grad", spy)
+    batched = auditor.scan(ids, reference_mode="refreshed", shared_units=0, **options)
+    single = auditor.scan(ids, reference_mode="refreshed", shared_units=0, batch_size=1, **options)
+    assert _units(batched) == _units(single)
+    assert seen and set(seen) <= {1, 2, 4, 8, 16}
+
+
 def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     tiny: tuple[nn.Module, ImageDataset, ImageDataset],
 ) -> None:
@@ -296,18 +328,8 @@ def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     mask[1, :5] = 0
     settings = scan_settings(reference_size=8, reference_mode="exact")
     with UnitMasks(classifier.net, space) as masks:
-        ctx = ScoreContext(
-            classifier,
-            masks,
-            x,
-            y,
-            mask,
-            torch.zeros(space.total),
-            settings,
-            torch.Generator(),
-            reference_x=ref_x,
-            reference_y=ref_y,
-        )
+        ref_grad = exact_reference_grad(classifier, masks, mask, (ref_x, ref_y))
+        ctx = ScoreContext(classifier, masks, x, y, mask, ref_grad, settings, torch.Generator())
         scores = SCORERS["grad-x-act"](ctx)
         one = mask[1:2].clone().requires_grad_(True)
         masks.mask = one.expand(1 + len(ref), -1)

@@ -101,10 +101,11 @@ def scan(
     reference_mode: Annotated[
         str,
         typer.Option(
-            help="shared (fast: one reference gradient for all) or exact (each example's mask "
-            "on every reference row, as the authors do)."
+            help="refreshed (the reference gradient recomputed at each example's mask after 1, "
+            "2, 4, ... units, for examples that need more than 3), shared (one gradient for "
+            "all: fastest) or exact (every step, as the authors do). See memaudit.localize."
         ),
-    ] = "shared",
+    ] = "refreshed",
     scorer: Annotated[str, typer.Option(help=f"Unit scorer: {', '.join(SCORERS)}.")] = "grad-x-act",
     noise_copies: Annotated[int, typer.Option(help="Noisy input copies to average (paper).")] = 0,
     prune: Annotated[bool, typer.Option(help="Prune the greedy set to a minimal one.")] = True,

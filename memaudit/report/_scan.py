@@ -63,10 +63,18 @@ class ScanSettings(BaseModel):
     units_per_step: int = Field(1, ge=1)
     reference_size: int = Field(256, ge=0, description="non-flagged rows in the clean term")
     reference_weight: float = Field(1.0, ge=0)
-    reference_mode: Literal["shared", "exact"] = Field(
-        "shared",
-        description="shared: the reference gradient at m = 1 for all (fast); exact: every "
-        "example's mask on every reference row (the authors' term; A x R rows per step)",
+    reference_mode: Literal["shared", "refreshed", "exact"] = Field(
+        "refreshed",
+        description="shared: the reference gradient at m = 1 for all (fastest); refreshed: "
+        "examples that do not flip within shared_units are searched again with the gradient "
+        "recomputed at their own mask after 1, 2, 4, 8, ... zeroed units; exact: "
+        "every example's mask on every reference row at every step (the authors' term)",
+    )
+    shared_units: int = Field(
+        3,
+        ge=0,
+        description="refreshed mode: an example that flips within this many units under the "
+        "shared term keeps that answer; the others are searched again with refreshes",
     )
     batch_size: int = Field(64, ge=1, description="flagged examples searched together")
     noise_copies: int = Field(0, ge=0, description="noisy copies averaged (paper: input noise)")
