@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--max-units", type=int, default=64)
     parser.add_argument("--reference-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--modes", default="shared", help="comma-separated: shared, refreshed, exact")
+    parser.add_argument(
+        "--modes", default="shared", help="comma-separated: shared, refreshed, exact"
+    )
     parser.add_argument(
         "--noise-floor", action="store_true", help="rerun the reference on other reference rows"
     )
