@@ -101,9 +101,9 @@ def scan(
     reference_mode: Annotated[
         str,
         typer.Option(
-            help="refreshed (shared for the first 3 units, then recomputed at each "
-            "example's mask where an exact check disagrees), shared (one gradient for all: "
-            "fastest) or exact (every step, as the authors do). See memaudit.localize."
+            help="refreshed (the reference gradient recomputed at each example's mask after 1, "
+            "2, 4, ... units, for examples that need more than 3), shared (one gradient for "
+            "all: fastest) or exact (every step, as the authors do). See memaudit.localize."
         ),
     ] = "refreshed",
     scorer: Annotated[str, typer.Option(help=f"Unit scorer: {', '.join(SCORERS)}.")] = "grad-x-act",

@@ -66,15 +66,15 @@ class ScanSettings(BaseModel):
     reference_mode: Literal["shared", "refreshed", "exact"] = Field(
         "refreshed",
         description="shared: the reference gradient at m = 1 for all (fastest); refreshed: "
-        "shared up to shared_units, then, where an exact check picks another unit, searched "
-        "again with the gradient recomputed at the example's mask after 1, 2, 4, 8, ... units; "
-        "exact: every example's mask on every reference row at every step (the authors' term)",
+        "examples that do not flip within shared_units are searched again with the gradient "
+        "recomputed at their own mask after 1, 2, 4, 8, ... zeroed units; exact: "
+        "every example's mask on every reference row at every step (the authors' term)",
     )
     shared_units: int = Field(
         3,
         ge=0,
-        description="refreshed mode: units zeroed under the shared term before the exact check "
-        "(0: refresh from the start)",
+        description="refreshed mode: an example that flips within this many units under the "
+        "shared term keeps that answer; the others are searched again with refreshes",
     )
     batch_size: int = Field(64, ge=1, description="flagged examples searched together")
     noise_copies: int = Field(0, ge=0, description="noisy copies averaged (paper: input noise)")
