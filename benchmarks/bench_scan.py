@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--max-units", type=int, default=64)
     parser.add_argument("--reference-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shared-units", type=int, default=ScanSettings().shared_units)
     parser.add_argument(
         "--modes", default="shared", help="comma-separated: shared, refreshed, exact"
     )
@@ -93,6 +94,7 @@ def main() -> None:
             reference_size=args.reference_size,
             batch_size=args.batch_size,
             reference_mode=mode,
+            shared_units=args.shared_units,
         )
         for mode in args.modes.split(",")
     }
