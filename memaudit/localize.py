@@ -20,7 +20,7 @@ example; the score is ``dL_i/dm = -dCE_i/dm (at m_i) + w * g_ref``. Three modes
   under-counts the damage of a long edit, so it flips with fewer units (on the testbed's clean
   examples, a median of 5 against the authors' 9) at a higher accuracy cost.
 - ``refreshed`` (default): the search first runs in shared mode with a budget of
-  ``shared_units`` (3). Examples that flip within it keep that answer. The rest are searched
+  ``shared_units`` (4). Examples that flip within it keep that answer. The rest are searched
   again from the start, with ``g_ref`` recomputed exactly at each example's own mask after 1, 2,
   4, 8, ... zeroed units and held in between. This removes most of the drift at a fraction of
   the exact cost (clean examples: a median of 8.5 against the authors' 9).

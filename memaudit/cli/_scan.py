@@ -102,7 +102,7 @@ def scan(
         str,
         typer.Option(
             help="refreshed (the reference gradient recomputed at each example's mask after 1, "
-            "2, 4, ... units, for examples that need more than 3), shared (one gradient for "
+            "2, 4, ... units, for examples that need more than 4), shared (one gradient for "
             "all: fastest) or exact (every step, as the authors do). See memaudit.localize."
         ),
     ] = "refreshed",

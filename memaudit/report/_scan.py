@@ -71,7 +71,7 @@ class ScanSettings(BaseModel):
         "every example's mask on every reference row at every step (the authors' term)",
     )
     shared_units: int = Field(
-        3,
+        4,
         ge=0,
         description="refreshed mode: an example that flips within this many units under the "
         "shared term keeps that answer; the others are searched again with refreshes",
