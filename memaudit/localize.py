@@ -23,7 +23,7 @@ example; the score is ``dL_i/dm = -dCE_i/dm (at m_i) + w * g_ref``. Three modes
   ``shared_units`` (4). Examples that flip within it keep that answer. The rest are searched
   again from the start, with ``g_ref`` recomputed exactly at each example's own mask after 1, 2,
   4, 8, ... zeroed units and held in between. This removes most of the drift at a fraction of
-  the exact cost (clean examples: a median of 8.5 against the authors' 9).
+  the exact cost (clean examples: a median of 8 against the authors' 9).
 - ``exact``: ``g_ref(m_i)`` at every step: every example's mask on every reference row
   (``A x R`` rows per step, shared by examples with equal masks). It gives the authors' term
   unit for unit, at close to their cost on a CPU.
