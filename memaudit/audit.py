@@ -216,6 +216,7 @@ def _unlearn(
         method=method,
         device=auditor.device,
         on_progress=on_progress,
+        preflight=auditor.preflight(ids),
         **dict(options or {}),
     )
     return result.model, result.report
@@ -230,7 +231,8 @@ def _rescan(
 ) -> ScanReport:
     from memaudit.auditor import Auditor
 
-    again = Auditor(model, auditor.train, auditor.test, device=auditor.device)
+    # The unlearned model is measured, never refused: its damage is the audit's finding.
+    again = Auditor(model, auditor.train, auditor.test, device=auditor.device, min_train_accuracy=0)
     return again.scan(ids, settings=settings, on_progress=on_progress)
 
 

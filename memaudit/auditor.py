@@ -24,6 +24,8 @@ from memaudit.localize import (
 )
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier, load_model
+from memaudit.preflight import preflight
+from memaudit.report._inputs import Preflight
 from memaudit.report._scan import (
     DataSummary,
     ExampleResult,
@@ -48,6 +50,10 @@ _JOURNAL = "memaudit-scan-journal/1"
 class Auditor:
     """Audit ``model`` for memorization of examples of its training data ``train``.
 
+    Every scan and unlearning first runs the :func:`~memaudit.preflight.preflight` check (once
+    per set of flagged ids): a model near chance on its own training rows is refused, below
+    ``min_train_accuracy`` (default: a quarter of the way from chance to 100%; 0 never refuses).
+
     Example:
         >>> auditor = Auditor(model, train, test)                       # doctest: +SKIP
         >>> report = auditor.scan([12, 40, 77], max_units=32)           # doctest: +SKIP
@@ -61,14 +67,31 @@ class Auditor:
         test: ImageDataset | None = None,
         *,
         device: str | torch.device = "auto",
+        min_train_accuracy: float | None = None,
     ) -> None:
         self.model = load_model(model)
         self.train = train
         self.test = test
         self.device = pick_device(device)
+        self.min_train_accuracy = min_train_accuracy
+        self._preflights: dict[frozenset[int], Preflight] = {}
         check_compatible(self.model, train)
         if test is not None:
             check_compatible(self.model, test)
+
+    def preflight(self, ids: Sequence[int]) -> Preflight:
+        """The preflight check of the model on this data, ``ids`` left out (run once per set)."""
+        key = frozenset(ids)
+        if key not in self._preflights:
+            self._preflights[key] = preflight(
+                self.model,
+                self.train,
+                self.train.rows(ids),
+                test=self.test,
+                min_train_accuracy=self.min_train_accuracy,
+                device=self.device,
+            )
+        return self._preflights[key]
 
     def scan(
         self,
@@ -91,6 +114,7 @@ class Auditor:
             raise MemauditError("no flagged ids to scan; give at least one")
         start = time.perf_counter()
         rows = self.train.rows(ids)
+        checked = self.preflight(ids)
         space = self.model.units()
         model = self.model.to(self.device).eval()
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -173,6 +197,7 @@ class Auditor:
                 examples_per_second=len(todo) / seconds if seconds > 0 else 0.0,
                 device=str(self.device),
             ),
+            preflight=checked,
         )
 
     def unlearn(
@@ -189,6 +214,7 @@ class Auditor:
             test=self.test,
             method=method,
             device=self.device,
+            preflight=self.preflight(ids),
             **options,
         )
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, DataRef, Preprocess
+from memaudit.report._inputs import Preprocessing
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels")
@@ -44,8 +45,20 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
     class_names: list[str] | None = None
     ref: DataRef = field(default_factory=lambda: DataRef(source="<memory>"))
     ids: torch.Tensor | None = None  # values of an id column, when one was named
+    native_shape: tuple[int, int, int] | None = None  # (C, H, W) as stored, before fitting
+    preprocess_origin: str = "given with the data"  # where ``preprocess`` comes from, in words
 
     def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.labels.ndim != 1:
+            raise MemauditError(
+                f"{self.ref.source}: images must be [N, C, H, W] and labels [N], got "
+                f"{list(self.images.shape)} and {list(self.labels.shape)}"
+            )
+        if self.images.shape[0] != self.labels.shape[0]:
+            raise MemauditError(
+                f"{self.ref.source} [{self.ref.split}] has {self.images.shape[0]} images but "
+                f"{self.labels.shape[0]} labels; every image needs one label"
+            )
         channels = self.images.shape[1]
         mean, std = (
             _per_channel(self.preprocess.mean, channels),
@@ -69,6 +82,20 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
     @property
     def channels(self) -> int:
         return int(self.images.shape[1])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The effective preprocessing (what the model sees) and why it was chosen."""
+        c, h, w = self.native_shape or tuple(self.images.shape[1:])
+        return Preprocessing(
+            image_size=(int(self.images.shape[2]), int(self.images.shape[3])),
+            native_size=(int(h), int(w)),
+            channels=self.channels,
+            native_channels=int(c),
+            mean=tuple(self._mean.flatten().tolist()),
+            std=tuple(self._std.flatten().tolist()),
+            origin=self.preprocess_origin,
+        )
 
     def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Normalized float images for ``rows``, on ``device``."""
@@ -127,6 +154,31 @@ def resolve_preprocess(
     )
 
 
+def preprocess_origin(
+    model: Classifier | None,
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> str:
+    """Where :func:`resolve_preprocess` takes the size and the normalization from, in words."""
+    base = model.info.preprocess if model is not None else None
+    from_model = model.preprocess_origin if model is not None else ""
+    if image_size is not None:
+        size_from = "--image-size"
+    elif base is not None and base.image_size is not None:
+        size_from = from_model
+    else:
+        size_from = "kept as stored: the model takes any size and its weights record none"
+    if mean is not None or std is not None:
+        norm_from = "--mean/--std"
+    elif base is not None and {"mean", "std"} & base.model_fields_set:
+        norm_from = from_model
+    else:
+        norm_from = "memaudit's default, as the model records none; set --mean/--std"
+    return f"size: {size_from}; normalization: {norm_from}"
+
+
 def load_dataset(
     source: str | os.PathLike[str],
     *,
@@ -139,13 +191,15 @@ def load_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     id_column: str | None = None,
+    class_map: Sequence[int] | None = None,
 ) -> ImageDataset:
     """Load one split of an image dataset, preprocessed for ``model``.
 
     Sources: a ``datasets`` ``save_to_disk`` directory (Dataset or DatasetDict), a ``.parquet``
     file or a directory of them (split from file names), an image folder (``class/x.png``, or
     ``split/class/x.png``), or an ``.npz`` with ``images``/``labels`` (or ``SPLIT_images`` /
-    ``SPLIT_labels``, ``x_SPLIT`` / ``y_SPLIT``) arrays.
+    ``SPLIT_labels``, ``x_SPLIT`` / ``y_SPLIT``) arrays. ``class_map[i]`` is the model output
+    that data label ``i`` means, for data whose classes are not the model's in the same order.
     """
     path = Path(source)
     if not path.exists():
@@ -153,7 +207,11 @@ def load_dataset(
     prep = resolve_preprocess(model, image_size=image_size, mean=mean, std=std)
     chans = channels or (model.info.in_chans if model is not None else None)
     ref = DataRef(
-        source=str(path), split=split, image_column=image_column, label_column=label_column
+        source=str(path),
+        split=split,
+        image_column=image_column,
+        label_column=label_column,
+        class_map=list(class_map) if class_map is not None else None,
     )
     if path.suffix == ".npz":
         images, labels, names, ids = _from_npz(path, split, image_column, label_column)
@@ -161,20 +219,62 @@ def load_dataset(
         images, labels, names, ids = _from_hf(
             _hf_split(path, split), str(path), split, image_column, label_column, id_column
         )
+    if class_map is not None:
+        labels, names = _map_classes(labels, names, class_map, model, str(path))
+    native = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
     images = _fit(images, chans, prep.image_size)
-    data = ImageDataset(images, labels, prep, names, ref, ids)
+    origin = preprocess_origin(model, image_size=image_size, mean=mean, std=std)
+    data = ImageDataset(images, labels, prep, names, ref, ids, native, origin)
     if model is not None:
         check_compatible(model, data)
     return data
 
 
 def check_compatible(model: Classifier, data: ImageDataset) -> None:
-    """Refuse data whose labels the model cannot output."""
-    if data.num_classes > model.info.num_classes:
+    """Refuse data whose labels the model cannot output, or whose declared classes differ."""
+    outputs = model.info.num_classes
+    names = data.class_names
+    if names and len(names) != outputs:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise MemauditError(
-            f"the data has {data.num_classes} classes but the model has "
-            f"{model.info.num_classes} outputs; pass the model trained on this data"
+            f"the data declares {len(names)} classes but the model has {outputs} outputs (data "
+            f"classes: {shown}); pass the model trained on this data, or say which output each "
+            "data label is with --class-map (class_map=)"
         )
+    if data.num_classes > outputs:
+        raise MemauditError(
+            f"the data has {data.num_classes} classes but the model has {outputs} outputs; pass "
+            "the model trained on this data, or map the labels with --class-map (class_map=)"
+        )
+
+
+def _map_classes(
+    labels: torch.Tensor,
+    names: list[str] | None,
+    class_map: Sequence[int],
+    model: Classifier | None,
+    src: str,
+) -> tuple[torch.Tensor, list[str]]:
+    """Labels and class names in the model's classes: data label ``i`` -> ``class_map[i]``."""
+    n_data = len(names) if names else (int(labels.max()) + 1 if len(labels) else 0)
+    outputs = model.info.num_classes if model is not None else max(class_map, default=-1) + 1
+    if len(class_map) != n_data:
+        raise MemauditError(
+            f"--class-map gives {len(class_map)} outputs but {src} has {n_data} classes; give "
+            "one model output per data class, in data-label order"
+        )
+    bad = [k for k in class_map if not 0 <= k < outputs]
+    if bad or len(set(class_map)) < len(class_map):
+        what = f"output {bad[0]} is not one of 0-{outputs - 1}" if bad else "an output repeats"
+        raise MemauditError(f"--class-map: {what}; give distinct model outputs, one per class")
+    mapped = torch.as_tensor(list(class_map), dtype=torch.long)[labels]
+    own = model.info.class_names if model is not None else None
+    if own and len(own) == outputs:
+        return mapped, list(own)
+    out = [f"output {k}" for k in range(outputs)]
+    for i, k in enumerate(class_map):
+        out[k] = names[i] if names else str(i)
+    return mapped, out
 
 
 def _from_npz(

@@ -459,7 +459,9 @@ def flip_units(
     from memaudit.auditor import Auditor  # the Auditor builds on this module
 
     ids = rows.tolist() if train.ids is None else train.ids[rows].tolist()
-    report = Auditor(model, train, device=device).scan(ids, settings=settings, eval_size=0)
+    # A step inside unlearning, whose caller ran the preflight check: never refused here.
+    auditor = Auditor(model, train, device=device, min_train_accuracy=0)
+    report = auditor.scan(ids, settings=settings, eval_size=0)
     space = model.units()
     return [
         [space.flat(Unit(u.layer, u.index)) for u in e.units] if e.flipped else []

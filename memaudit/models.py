@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from memaudit.errors import MemauditError
@@ -45,6 +45,9 @@ class DataRef(BaseModel):
     split: str = "train"
     image_column: str | None = None
     label_column: str | None = None
+    class_map: list[int] | None = Field(
+        None, description="model output of each data label (data label i -> class_map[i])"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -63,17 +66,22 @@ class ModelInfo(BaseModel):
     arch_config: dict[str, Any] = {}
 
 
+Expected = tuple[Preprocess, str]  # the inputs a model expects, and where that comes from
+
+
 class Classifier(nn.Module):
     """A model whose forward returns logits ``[B, K]``, with its :class:`ModelInfo`.
 
     Hugging Face models return dataclasses and some nets return tuples; memaudit always sees
     the logits tensor. The wrapped model is ``net``: unit names and state-dict keys are its own.
+    ``preprocess_origin`` says in words where ``info.preprocess`` comes from.
     """
 
-    def __init__(self, net: nn.Module, info: ModelInfo) -> None:
+    def __init__(self, net: nn.Module, info: ModelInfo, preprocess_origin: str = "") -> None:
         super().__init__()
         self.net = net
         self.info = info
+        self.preprocess_origin = preprocess_origin or "the model's info"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
@@ -104,7 +112,8 @@ class Family:
 
     build: Callable[..., nn.Module]  # (name, *, num_classes, in_chans, config, pretrained)
     head: Callable[[nn.Module], str | None]
-    preprocess: Callable[[nn.Module, int], Preprocess | None]
+    # (net, in_chans, pretrained): the inputs these weights expect and why; None: any size
+    preprocess: Callable[[nn.Module, int, bool], Expected | None]
     config: Callable[[nn.Module], dict[str, Any]]
 
 
@@ -151,14 +160,29 @@ def _timm_head(net: nn.Module) -> str | None:
     return _module_name(net, head if isinstance(head, nn.Module) else None)
 
 
-def _timm_preprocess(net: nn.Module, in_chans: int) -> Preprocess | None:
+def _timm_preprocess(net: nn.Module, in_chans: int, pretrained: bool) -> Expected | None:
+    """timm's data config only for timm's own pretrained weights; else a fixed size, if any.
+
+    Weights trained elsewhere (a state dict) were not trained at timm's 224x224 ImageNet
+    setting: a CNN keeps the data's size, a token model (ViT) its configured ``img_size``.
+    """
     import timm.data
 
-    cfg = timm.data.resolve_data_config({}, model=net)
-    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    if len(mean) != in_chans:  # timm's ImageNet statistics do not fit a 1-channel model
-        return Preprocess(image_size=int(cfg["input_size"][-1]))
-    return Preprocess(image_size=int(cfg["input_size"][-1]), mean=mean, std=std)
+    if pretrained:
+        cfg = timm.data.resolve_data_config({}, model=net)
+        origin = "timm's data config of its pretrained weights"
+        size, mean, std = int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"])
+        if len(mean) != in_chans:  # timm's ImageNet statistics do not fit a 1-channel model
+            return Preprocess(image_size=size), origin
+        return Preprocess(image_size=size, mean=mean, std=std), origin
+    img_size = getattr(getattr(net, "patch_embed", None), "img_size", None)
+    if img_size:
+        size = img_size if isinstance(img_size, int) else img_size[-1]
+        return Preprocess(image_size=int(size)), "the model's configured img_size"
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size"):
+        return Preprocess(image_size=int(cfg["input_size"][-1])), "the model's fixed input size"
+    return None
 
 
 def _hf_build(
@@ -184,9 +208,11 @@ def _hf_head(net: nn.Module) -> str | None:
     return _module_name(net, head) if isinstance(head, nn.Module) else last_unit_layer(net)
 
 
-def _hf_preprocess(net: nn.Module, in_chans: int) -> Preprocess | None:
+def _hf_preprocess(net: nn.Module, in_chans: int, pretrained: bool) -> Expected | None:
     size = getattr(getattr(net, "config", None), "image_size", None)
-    return Preprocess(image_size=int(size)) if isinstance(size, int) else None
+    if not isinstance(size, int):
+        return None
+    return Preprocess(image_size=size), "the model config's image_size"
 
 
 def _hf_config(net: nn.Module) -> dict[str, Any]:
@@ -227,7 +253,7 @@ register_family(
     Family(
         build=_memaudit_build,
         head=lambda net: "fc",
-        preprocess=lambda net, in_chans: None,
+        preprocess=lambda net, in_chans, pretrained: None,
         config=lambda net: dict(getattr(net, "config", {})),
     ),
 )
@@ -279,6 +305,7 @@ def build_model(
             f"cannot build {arch} with options {cfg} ({err}); check the architecture's options"
         ) from None
     hf_config: Any = getattr(net, "config", None)
+    expected = family.preprocess(net, in_chans, pretrained)
     if prefix == "hf" and pretrained:
         num_classes = int(hf_config.num_labels)
         in_chans = int(getattr(hf_config, "num_channels", in_chans))
@@ -287,7 +314,7 @@ def build_model(
         arch=arch,
         num_classes=num_classes,
         in_chans=in_chans,
-        preprocess=family.preprocess(net, in_chans),
+        preprocess=expected[0] if expected else None,
         head=family.head(net),
         arch_config=cfg if prefix != "hf" else family.config(net),
     )
@@ -295,7 +322,7 @@ def build_model(
         labels = getattr(hf_config, "id2label", None)
         if pretrained and isinstance(labels, dict):
             info.class_names = [str(labels[i]) for i in sorted(labels)]
-    return Classifier(net, info).eval()
+    return Classifier(net, info, expected[1] if expected else "").eval()
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -444,20 +471,21 @@ def _load_hf_dir(path: Path) -> Classifier:
     family = FAMILIES["hf"]
     in_chans = int(getattr(net.config, "num_channels", 3))
     labels = getattr(net.config, "id2label", None) or {}
+    expected = _hf_dir_preprocess(path) or family.preprocess(net, in_chans, False)
     info = ModelInfo(
         source=str(path),
         arch=f"hf:{net.config.model_type}",
         num_classes=int(net.config.num_labels),
         in_chans=in_chans,
-        preprocess=_hf_dir_preprocess(path) or family.preprocess(net, in_chans),
+        preprocess=expected[0] if expected else None,
         class_names=[str(labels[i]) for i in sorted(labels)] if labels else None,
         head=family.head(net),
         arch_config=family.config(net),
     )
-    return Classifier(net, info).eval()
+    return Classifier(net, info, expected[1] if expected else "").eval()
 
 
-def _hf_dir_preprocess(path: Path) -> Preprocess | None:
+def _hf_dir_preprocess(path: Path) -> Expected | None:
     file = path / "preprocessor_config.json"
     if not file.exists():
         return None
@@ -466,9 +494,10 @@ def _hf_dir_preprocess(path: Path) -> Preprocess | None:
     if isinstance(size, dict):
         size = size.get("height") or size.get("shortest_edge")
     mean, std = cfg.get("image_mean"), cfg.get("image_std")
+    origin = f"{file.name} beside the model"
     if mean is None or std is None:
-        return Preprocess(image_size=size)
-    return Preprocess(image_size=size, mean=tuple(mean), std=tuple(std))
+        return Preprocess(image_size=size), origin
+    return Preprocess(image_size=size, mean=tuple(mean), std=tuple(std)), origin
 
 
 def _from_checkpoint(
@@ -484,6 +513,8 @@ def _from_checkpoint(
     )
     _load_state(model.net, state, path, info.arch)
     model.info = info.model_copy(update={"source": str(path)})
+    if info.preprocess is not None:
+        model.preprocess_origin = "recorded in the memaudit checkpoint"
     return model.eval()
 
 

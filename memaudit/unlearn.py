@@ -23,6 +23,7 @@ from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError
 from memaudit.models import FAMILIES, Classifier, build_model
 from memaudit.report import UnlearnReport, UnlearnScores
+from memaudit.report._inputs import Preflight
 from memaudit.testbed import EpochEnd, pick_device, train
 from memaudit.units import zero_unit_weights
 
@@ -377,13 +378,16 @@ def unlearn(
     retrain_epochs: int | None = None,
     device: str | torch.device = "auto",
     on_progress: Callable[[UnlearnStep], None] | None = None,
+    preflight: Preflight | None = None,
 ) -> UnlearnResult:
     """Remove what ``model`` memorized about ``flagged_rows`` of ``train_set``; measure it.
 
     ``model`` is left unchanged; the result holds a new plain model. ``epochs`` / ``lr`` default
     to the method's own (see :data:`METHODS`); ``options`` are method-specific (ETD: ``p_gen``,
     ``p_mem``, ``rows``). With ``compare_retrain`` a model is also retrained from scratch without
-    the flagged rows and measured (the report's ``retrain`` block).
+    the flagged rows and measured (the report's ``retrain`` block). ``preflight``: the check of
+    ``model`` on this data (:func:`memaudit.preflight.preflight`, which ``Auditor.unlearn`` and
+    the CLI run first), recorded in the report.
 
     Example:
         >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
@@ -454,5 +458,6 @@ def unlearn(
         n_flagged=int(rows.numel()),
         n_retained=int(retained.numel()),
         n_test=len(test) if test is not None else 0,
+        preflight=preflight,
     )
     return UnlearnResult(model=unlearned.cpu(), report=report, retrained=retrained)

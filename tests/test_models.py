@@ -45,13 +45,34 @@ def test_timm_name_builds_classifier(arch: str) -> None:
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
 
 
-def test_timm_preprocess_uses_data_config_only_when_channels_fit() -> None:
-    rgb = load_model("timm:resnet18", num_classes=3, in_chans=3)
-    gray = load_model("timm:resnet18", num_classes=3, in_chans=1)
+def test_timm_pretrained_keeps_timm_data_config_only_when_channels_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import timm
+
+    real = timm.create_model
+
+    def offline(name: str, *, pretrained: bool = False, **kw: object) -> torch.nn.Module:
+        return real(name, pretrained=False, **kw)  # the hub weights, mocked: no download
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    rgb = load_model("timm:resnet18", num_classes=3, in_chans=3, pretrained=True)
+    gray = load_model("timm:resnet18", num_classes=3, in_chans=1, pretrained=True)
     assert rgb.info.preprocess == Preprocess(
         image_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
     )
     assert gray.info.preprocess == Preprocess(image_size=224)  # ImageNet stats need 3 channels
+    assert "pretrained" in rgb.preprocess_origin
+
+
+def test_timm_weights_of_unknown_origin_get_no_pretrained_data_config() -> None:
+    cnn = load_model("timm:resnet18", num_classes=3, in_chans=1)
+    vit = load_model("timm:test_vit", num_classes=3, in_chans=1)  # configured at 160
+    small_vit = build_model("timm:test_vit", num_classes=3, in_chans=1, config={"img_size": 32})
+    assert cnn.info.preprocess is None  # any size: the data keeps its own
+    assert vit.info.preprocess == Preprocess(image_size=160)
+    assert small_vit.info.preprocess == Preprocess(image_size=32)
+    assert "img_size" in small_vit.preprocess_origin
 
 
 def test_memaudit_net_builds() -> None:

@@ -311,8 +311,10 @@ def test_probe_errors_are_clear(bed: Path, tmp_path: Path) -> None:
 
 
 def _cli(bed: Path, *args: str) -> int:
+    flagged = ["--flagged", str(bed / "flagged.txt")]
+    # a random model: the preflight check would refuse it
     return main(
-        ["probe", *args, str(bed / "model.safetensors"), "--flagged", str(bed / "flagged.txt")]
+        ["probe", *args, str(bed / "model.safetensors"), *flagged, "--min-train-accuracy", "0"]
     )
 
 

@@ -71,6 +71,8 @@ def test_scan_works_as_typed_without_data(
             "5",
             "--html",
             str(workdir / "scan.html"),
+            "--min-train-accuracy",  # a random model: the preflight check would refuse it
+            "0",
         ]
     )
     assert rc == 0

@@ -95,7 +95,12 @@ def test_tiny_testbed_reloads_with_no_flags(tiny_testbed: Path) -> None:
     assert model.info.train_data is not None
     assert Path(model.info.train_data.source) == (tiny_testbed / "data.npz").resolve()
 
-    inputs = load_inputs(str(tiny_testbed / "model.safetensors"), data=None)
+    inputs = load_inputs(
+        str(tiny_testbed / "model.safetensors"),
+        flagged=tiny_testbed / "noisy_ids.txt",
+        data=None,
+        device="cpu",
+    )
     assert inputs.test is not None and len(inputs.train) == 4000 and len(inputs.test) == 1000
     noisy = torch.tensor(read_ids(tiny_testbed / "noisy_ids.txt"))
     measured = accuracy(inputs.model, inputs.train, noisy, device="cpu")

@@ -174,6 +174,8 @@ def test_cli_writes_model_and_report(tmp_path: Path) -> None:
             str(tmp_path / "unlearn.json"),
             "--html",
             str(tmp_path / "unlearn.html"),
+            "--min-train-accuracy",  # a random model: the preflight check would refuse it
+            "0",
         ]
     )
     assert code == 0

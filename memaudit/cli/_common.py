@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
-from memaudit.data import ImageDataset, load_dataset
+from memaudit.auditor import Auditor
+from memaudit.cli._app import err
+from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, load_model
+from memaudit.report._inputs import Preflight
 
 ModelArg = Annotated[
     str,
@@ -61,6 +68,24 @@ TrustPickleOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+ClassMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--class-map",
+        help="Model output of each data label, comma-separated in data-label order (e.g. "
+        "3,4,5: data label 0 is output 3), when the data's classes are not the model's.",
+    ),
+]
+MinTrainAccuracyOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-train-accuracy",
+        min=0.0,
+        max=1.0,
+        help="Refuse a model below this accuracy on its own training rows (preflight check). "
+        "Default: a quarter of the way from chance to 100%; 0 never refuses.",
+    ),
+]
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -73,18 +98,72 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
         raise MemauditError(f"{option} takes numbers separated by commas, got {text!r}") from None
 
 
+def parse_ints(text: str | None, option: str) -> list[int] | None:
+    """'3,4,5' to a list; a clear error otherwise."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MemauditError(f"{option} takes integers separated by commas, got {text!r}") from None
+
+
+def writable(path: Path, option: str) -> Path:
+    """``path``, checked before any work: a one-line error if it could not be written.
+
+    Creates nothing: the nearest existing folder above ``path`` must be a writable folder.
+    """
+    folder = path if option == "--out-dir" else path.parent
+    if path.is_dir() and option != "--out-dir":
+        raise MemauditError(f"{option} {path} is a folder; give a file name")
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise MemauditError(
+            f"{option} {path}: cannot create the folder {folder}, as {existing} is a file; "
+            "choose another location"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MemauditError(
+            f"{option} {path}: cannot create or write the folder {folder} ({existing} is not "
+            "writable); choose another location"
+        )
+    return path
+
+
+def say(text: str) -> None:
+    """One plain line on stderr (never wrapped, never read as markup)."""
+    err.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
 @dataclass
 class Inputs:
-    """A loaded model with the training split its flagged ids index, and a test split if any."""
+    """A checked model with its data and flagged ids: what every audit command works on.
 
-    model: Classifier
-    train: ImageDataset
-    test: ImageDataset | None
+    ``auditor`` binds the model to its data; ``preflight`` is its check on these ids.
+    """
+
+    auditor: Auditor
+    ids: list[int]
+    rows: torch.Tensor
+    preflight: Preflight
+
+    @property
+    def model(self) -> Classifier:
+        return self.auditor.model
+
+    @property
+    def train(self) -> ImageDataset:
+        return self.auditor.train
+
+    @property
+    def test(self) -> ImageDataset | None:
+        return self.auditor.test
 
 
 def load_inputs(
     model: str,
     *,
+    flagged: Path,
     data: str | None,
     arch: str | None = None,
     split: str = "train",
@@ -92,11 +171,22 @@ def load_inputs(
     image_size: int | None = None,
     mean: str | None = None,
     std: str | None = None,
+    class_map: str | None = None,
+    min_train_accuracy: float | None = None,
     trust_pickle: bool = False,
+    device: str = "auto",
+    validate: Callable[[Classifier], object] | None = None,
 ) -> Inputs:
-    """Load the model, then its data (``--data`` or the data its checkpoint records)."""
+    """Read the flagged ids, load the model and its data, and run the preflight check.
+
+    The data is ``--data`` or the data a memaudit checkpoint records. ``validate`` checks the
+    command's own options against the model (e.g. layer names) before the preflight. Says on
+    stderr how the images are shown to the model and what the preflight measured; every
+    command that audits a model comes through here.
+    """
+    ids = read_ids(flagged)
     loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    source, columns = data, {}
+    source, recorded = data, None
     if source is None:
         recorded = loaded.info.train_data
         if recorded is None:
@@ -106,17 +196,28 @@ def load_inputs(
             raise MemauditError(
                 f"the training data {source} that {model} records is gone; pass --data DATA"
             )
-        columns = {"image_column": recorded.image_column, "label_column": recorded.label_column}
+    mapping = parse_ints(class_map, "--class-map")
     options = dict(
         model=loaded,
         image_size=image_size,
         mean=parse_floats(mean, "--mean"),
         std=parse_floats(std, "--std"),
-        **columns,
+        image_column=recorded.image_column if recorded else None,
+        label_column=recorded.label_column if recorded else None,
+        class_map=mapping if mapping is not None else (recorded.class_map if recorded else None),
     )
     train = load_dataset(source, split=split, **options)  # type: ignore[arg-type]
     try:
         test = load_dataset(source, split=test_split, **options)  # type: ignore[arg-type]
     except MissingSplitError:
         test = None
-    return Inputs(loaded, train, test)
+    rows = train.rows(ids)  # out-of-range ids fail here, before any work
+    if validate is not None:
+        validate(loaded)
+    auditor = Auditor(loaded, train, test, device=device, min_train_accuracy=min_train_accuracy)
+    say(f"inputs: {train.preprocessing.describe()}")
+    checked = auditor.preflight(ids)
+    say(checked.describe())
+    for warning in checked.warnings:
+        warnings.warn(warning, UserWarning, stacklevel=2)
+    return Inputs(auditor, ids, rows, checked)

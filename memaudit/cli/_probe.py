@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import torch
 import typer
@@ -14,21 +14,23 @@ from rich.table import Table
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     ArchOpt,
+    ClassMapOpt,
     DataOpt,
     DeviceOpt,
     FlaggedOpt,
     ImageSizeOpt,
     Inputs,
     MeanOpt,
+    MinTrainAccuracyOpt,
     ModelArg,
     SplitOpt,
     StdOpt,
     TestSplitOpt,
     TrustPickleOpt,
     load_inputs,
+    writable,
 )
 from memaudit.cli._testbed import progress
-from memaudit.data import read_ids
 from memaudit.errors import MemauditError
 from memaudit.probes import (
     ProbeStep,
@@ -41,6 +43,7 @@ from memaudit.probes import (
 )
 from memaudit.report import GradientsReport, Grouping, Report, RetrainReport, RewindReport
 
+R = TypeVar("R", bound=Report)
 probe_app = typer.Typer(
     help="Layer probes of the paper: gradient accounting, layer rewinding, layer retraining.",
     no_args_is_help=True,
@@ -103,32 +106,10 @@ def _checkpoint_folder(model: str, given: Path | None) -> Path:
     )
 
 
-def _load(
-    model: str,
-    flagged: Path,
-    *,
-    data: str | None,
-    arch: str | None,
-    split: str,
-    test_split: str,
-    image_size: int | None,
-    mean: str | None,
-    std: str | None,
-    trust_pickle: bool,
-) -> tuple[Inputs, torch.Tensor]:
-    ids = read_ids(flagged)
-    inputs = load_inputs(
-        model,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        trust_pickle=trust_pickle,
-    )
-    return inputs, inputs.train.rows(ids)
+def _load(model: str, flagged: Path, out_path: Path, **options: Any) -> Inputs:
+    """The checked inputs (see :func:`load_inputs`), once ``--out`` is known to be writable."""
+    writable(out_path, "--out")
+    return load_inputs(model, flagged=flagged, **options)
 
 
 def _clean_sample(n_rows: int, flagged: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
@@ -164,9 +145,12 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _write(report: Report, path: Path) -> None:
-    report.to_json(path)
+def _write(report: R, path: Path, inputs: Inputs) -> R:
+    """Write ``report`` with the preflight check of its inputs; returns what was written."""
+    checked = report.model_copy(update={"preflight": inputs.preflight})
+    checked.to_json(path)
     err.print(f"report written to {path}")
+    return checked
 
 
 def gradients_table(report: GradientsReport) -> Table:
@@ -279,11 +263,14 @@ def gradients(
     std: StdOpt = None,
     device: DeviceOpt = "auto",
     trust_pickle: TrustPickleOpt = False,
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Per layer: norms of the summed flagged and clean gradients and their cosine."""
-    inputs, rows = _load(
+    inputs = _load(
         model,
         flagged,
+        out_path,
         data=data,
         arch=arch,
         split=split,
@@ -291,10 +278,14 @@ def gradients(
         image_size=image_size,
         mean=mean,
         std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
         trust_pickle=trust_pickle,
+        device=device,
+        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
+    rows = inputs.rows
     names = _names(layers)
-    layer_groups(inputs.model, grouping=grouping, names=names)  # unknown names fail now
     if checkpoints is None and epochs is None:
         report = gradient_accounting(
             inputs.model,
@@ -322,8 +313,7 @@ def gradients(
                 device=device,
                 on_progress=update,
             )
-    _write(report, out_path)
-    out.print(gradients_table(report))
+    out.print(gradients_table(_write(report, out_path, inputs)))
 
 
 @probe_app.command()
@@ -349,13 +339,16 @@ def rewind(
     std: StdOpt = None,
     device: DeviceOpt = "auto",
     trust_pickle: TrustPickleOpt = False,
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Rewind one layer at a time to earlier epochs; flagged and clean accuracy."""
     folder = _checkpoint_folder(model, checkpoints)
     points = find_checkpoints(folder, epochs=_int_list(epochs, "--epochs"))
-    inputs, rows = _load(
+    inputs = _load(
         model,
         flagged,
+        out_path,
         data=data,
         arch=arch,
         split=split,
@@ -363,9 +356,13 @@ def rewind(
         image_size=image_size,
         mean=mean,
         std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
         trust_pickle=trust_pickle,
+        device=device,
+        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
-    layer_groups(inputs.model, grouping=grouping, names=_names(layers))  # fail before work
+    rows = inputs.rows
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
     with _bar("rewinding") as update:
         report = rewind_layers(
@@ -381,8 +378,7 @@ def rewind(
             device=device,
             on_progress=update,
         )
-    _write(report, out_path)
-    out.print(rewind_table(report))
+    out.print(rewind_table(_write(report, out_path, inputs)))
 
 
 @probe_app.command()
@@ -414,13 +410,16 @@ def retrain(
     std: StdOpt = None,
     device: DeviceOpt = "auto",
     trust_pickle: TrustPickleOpt = False,
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Rewind one layer, retrain it alone on the clean rows: how much flagged accuracy returns."""
     folder = _checkpoint_folder(model, checkpoints)
     points = find_checkpoints(folder, epochs=[rewind_epoch])
-    inputs, rows = _load(
+    inputs = _load(
         model,
         flagged,
+        out_path,
         data=data,
         arch=arch,
         split=split,
@@ -428,9 +427,13 @@ def retrain(
         image_size=image_size,
         mean=mean,
         std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
         trust_pickle=trust_pickle,
+        device=device,
+        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
-    layer_groups(inputs.model, grouping=grouping, names=_names(layers))  # fail before work
+    rows = inputs.rows
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
     with _bar("retraining") as update:
         report = retrain_layers(
@@ -450,5 +453,4 @@ def retrain(
             device=device,
             on_progress=update,
         )
-    _write(report, out_path)
-    out.print(retrain_table(report))
+    out.print(retrain_table(_write(report, out_path, inputs)))

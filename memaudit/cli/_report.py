@@ -19,20 +19,22 @@ from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     ArchOpt,
+    ClassMapOpt,
     DataOpt,
     DeviceOpt,
     FlaggedOpt,
     ImageSizeOpt,
     MeanOpt,
+    MinTrainAccuracyOpt,
     ModelArg,
     SplitOpt,
     StdOpt,
     TestSplitOpt,
     TrustPickleOpt,
     load_inputs,
+    writable,
 )
 from memaudit.cli._testbed import StageBars, progress
-from memaudit.data import read_ids
 from memaudit.errors import MemauditError
 from memaudit.localize import scan_settings
 from memaudit.report import KINDS, AuditReport, Report
@@ -233,6 +235,8 @@ def audit_command(
     std: StdOpt = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Scan the flagged ids, unlearn them, re-scan; write audit.json/.html/.md and the model.
 
@@ -240,9 +244,11 @@ def audit_command(
     """
     command = command_line()
     started, start = datetime.now(timezone.utc), time.perf_counter()
-    ids = read_ids(flagged)
+    writable(out_dir, "--out-dir")
+    settings = scan_settings(max_units=max_units, batch_size=batch_size, scorer=scorer, seed=seed)
     inputs = load_inputs(
         model,
+        flagged=flagged,
         data=data,
         arch=arch,
         split=split,
@@ -250,11 +256,12 @@ def audit_command(
         image_size=image_size,
         mean=mean,
         std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
         trust_pickle=trust_pickle,
+        device=device,
     )
-    inputs.train.rows(ids)  # out-of-range ids fail here, before any work
-    settings = scan_settings(max_units=max_units, batch_size=batch_size, scorer=scorer, seed=seed)
-    auditor = Auditor(inputs.model, inputs.train, inputs.test, device=device)
+    ids, auditor = inputs.ids, inputs.auditor
     load = StageTime(stage="load", started=started, seconds=time.perf_counter() - start)
     options: dict[str, Any] = {"seed": seed, "compare_retrain": compare_retrain}
     if epochs is not None:

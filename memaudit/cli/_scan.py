@@ -12,21 +12,23 @@ from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     ArchOpt,
+    ClassMapOpt,
     DataOpt,
     DeviceOpt,
     FlaggedOpt,
     ImageSizeOpt,
     MeanOpt,
+    MinTrainAccuracyOpt,
     ModelArg,
     SplitOpt,
     StdOpt,
     TestSplitOpt,
     TrustPickleOpt,
     load_inputs,
+    writable,
 )
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
-from memaudit.data import read_ids
 from memaudit.localize import SCORERS, scan_settings
 from memaudit.report import ScanReport, ScanSettings
 from memaudit.report.html import write_html
@@ -117,20 +119,13 @@ def scan(
         bool, typer.Option("--resume", help="Continue an interrupted scan from its journal.")
     ] = False,
     trust_pickle: TrustPickleOpt = False,
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Find, for each flagged example, the few units whose zeroing flips its prediction."""
-    ids = read_ids(flagged)
-    inputs = load_inputs(
-        model,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        trust_pickle=trust_pickle,
-    )
+    writable(out_path, "--out")
+    if html is not None:
+        writable(html, "--html")
     settings = scan_settings(
         scorer=scorer,
         max_units=max_units,
@@ -143,10 +138,24 @@ def scan(
         reference_mode=reference_mode,
         seed=seed,
     )
-    inputs.train.rows(ids)  # out-of-range ids fail here, before any work
-    auditor = Auditor(inputs.model, inputs.train, inputs.test, device=device)
+    inputs = load_inputs(
+        model,
+        flagged=flagged,
+        data=data,
+        arch=arch,
+        split=split,
+        test_split=test_split,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
+        trust_pickle=trust_pickle,
+        device=device,
+    )
+    ids = inputs.ids
     journal = out_path.with_suffix(".journal.jsonl")
-    report = run_scan(auditor, ids, settings, journal=journal, resume=resume)
+    report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)
     report.to_json(out_path)
     journal.unlink(missing_ok=True)
     if html is not None:

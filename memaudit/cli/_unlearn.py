@@ -13,25 +13,27 @@ from rich.table import Table
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     ArchOpt,
+    ClassMapOpt,
     DataOpt,
     DeviceOpt,
     FlaggedOpt,
     ImageSizeOpt,
     MeanOpt,
+    MinTrainAccuracyOpt,
     ModelArg,
     SplitOpt,
     StdOpt,
     TestSplitOpt,
     TrustPickleOpt,
     load_inputs,
+    writable,
 )
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
-from memaudit.data import read_ids
 from memaudit.models import save_model
 from memaudit.report import UnlearnReport, UnlearnScores
 from memaudit.report.html import write_html
-from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep, unlearn
+from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep
 
 
 def _pct(value: float | None) -> str:
@@ -119,10 +121,17 @@ def unlearn_command(
     std: StdOpt = None,
     trust_pickle: TrustPickleOpt = False,
     device: DeviceOpt = "auto",
+    class_map: ClassMapOpt = None,
+    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Remove what MODEL memorized about the flagged ids; save a plain model and a report."""
+    writable(out_model, "--out-model")
+    for path, option in ((report_path, "--out"), (html, "--html")):
+        if path is not None:
+            writable(path, option)
     inputs = load_inputs(
         model,
+        flagged=flagged,
         data=data,
         arch=arch,
         split=split,
@@ -130,21 +139,19 @@ def unlearn_command(
         image_size=image_size,
         mean=mean,
         std=std,
+        class_map=class_map,
+        min_train_accuracy=min_train_accuracy,
         trust_pickle=trust_pickle,
+        device=device,
     )
-    rows = inputs.train.rows(read_ids(flagged))
     result = with_progress(
-        lambda on_progress: unlearn(
-            inputs.model,
-            inputs.train,
-            rows,
-            test=inputs.test,
+        lambda on_progress: inputs.auditor.unlearn(
+            inputs.ids,
             method=method,
             epochs=epochs,
             lr=lr,
             seed=seed,
             compare_retrain=compare_retrain,
-            device=device,
             on_progress=on_progress,
         )
     )

@@ -93,6 +93,9 @@ class Verdict(BaseModel):
     flagged_accuracy_after: float | None = Field(None, description="after unlearning")
     n_correct_after: int | None = Field(None, description="given label still predicted (rescan)")
     n_localized_after: int | None = Field(None, description="still flip with <= N units (rescan)")
+    warnings: list[str] = Field(
+        default_factory=list, description="what limits the audit (from the preflight check)"
+    )
 
 
 class AuditReport(Report):
@@ -104,8 +107,9 @@ class AuditReport(Report):
     """
 
     KIND: ClassVar[str] = "audit"
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight and verdict warnings
     kind: Literal["audit"] = "audit"
-    schema_version: int = 1
+    schema_version: int = 2
 
     verdict: Verdict
     scan: ScanReport = Field(description="the scan of the flagged ids on the original model")
@@ -151,6 +155,7 @@ def verdict(
         flagged_accuracy_after=unlearn.after.flagged_accuracy if unlearn else None,
         n_correct_after=n_correct(rescan) if rescan else None,
         n_localized_after=n_localized(rescan, localized_units) if rescan else None,
+        warnings=list(scan.preflight.warnings) if scan.preflight else [],
     )
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from memaudit.report._base import Report
+from memaudit.report._inputs import Preflight
 
 
 class Grouping(str, Enum):
@@ -63,7 +64,9 @@ class GradientsReport(Report):
 
     KIND: ClassVar[str] = "gradients"
     kind: Literal["gradients"] = "gradients"
-    schema_version: int = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    schema_version: int = 2
+    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
 
     model: str
     data: str
@@ -102,7 +105,9 @@ class RewindReport(Report):
 
     KIND: ClassVar[str] = "rewind"
     kind: Literal["rewind"] = "rewind"
-    schema_version: int = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    schema_version: int = 2
+    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
 
     model: str
     data: str
@@ -155,7 +160,9 @@ class RetrainReport(Report):
 
     KIND: ClassVar[str] = "retrain"
     kind: Literal["retrain"] = "retrain"
-    schema_version: int = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    schema_version: int = 2
+    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
 
     model: str
     data: str

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit.report._base import Report
+from memaudit.report._inputs import Preflight
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -133,16 +134,19 @@ class ScanReport(Report):
     """Typed result of ``memaudit scan`` (JSON Schema: ``memaudit schema scan``)."""
 
     KIND: ClassVar[str] = "scan"
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
 
     kind: Literal["scan"] = "scan"
-    schema_version: int = 1
+    schema_version: int = 2
     model: ModelSummary
     data: DataSummary
     settings: ScanSettings
     examples: list[ExampleResult]
     summary: ScanSummary
     timing: Timing
+    preflight: Preflight | None = Field(
+        None, description="the model's accuracy before the scan, and its effective preprocessing"
+    )
 
 
 def _median(values: list[int]) -> float | None:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit.report._base import Report
+from memaudit.report._inputs import Preflight
 
 
 class UnlearnScores(BaseModel):
@@ -40,8 +41,9 @@ class UnlearnReport(Report):
     """
 
     KIND: ClassVar[str] = "unlearn"
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
     kind: Literal["unlearn"] = "unlearn"
-    schema_version: int = 1
+    schema_version: int = 2
 
     method: str
     settings: dict[str, float | int | str | bool | None] = Field(
@@ -61,6 +63,9 @@ class UnlearnReport(Report):
     n_retained: int = Field(ge=0)
     n_test: int = Field(0, ge=0)
     out_model: str | None = Field(None, description="where the unlearned model was saved")
+    preflight: Preflight | None = Field(
+        None, description="the original model's accuracy before unlearning, and its inputs"
+    )
 
     def gap_to_retrain(self) -> float | None:
         """Mean absolute difference of the accuracies after unlearning and after retraining."""
