@@ -121,7 +121,12 @@ def audit(
             unlearned, report = _unlearn(auditor, ids, unlearn_method, unlearn_options, progress)
         if out_model is not None:
             with clock.stage("save"):
-                saved = save_model(unlearned, out_model, train_data=auditor.train.ref)
+                saved = save_model(
+                    unlearned,
+                    out_model,
+                    train_data=auditor.train.ref,
+                    preprocess=auditor.train.preprocess,
+                )
                 report = report.model_copy(update={"out_model": str(saved)})
         with clock.stage("rescan"):
             rescan = _rescan(auditor, unlearned, ids, scan.settings, progress("rescan"))

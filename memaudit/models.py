@@ -593,19 +593,22 @@ def _load_state(net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, a
 
 
 def save_model(
-    model: Classifier, path: str | os.PathLike[str], *, train_data: DataRef | None = None
+    model: Classifier,
+    path: str | os.PathLike[str],
+    *,
+    train_data: DataRef | None = None,
+    preprocess: Preprocess | None = None,
 ) -> Path:
     """Write a memaudit checkpoint: weights plus :class:`ModelInfo`, reloadable with no flags.
 
-    ``.safetensors`` (recommended) stores the info as header metadata; ``.pt`` stores tensors
-    and strings only, so it loads with ``torch.load(weights_only=True)``.
+    ``train_data`` and ``preprocess`` (the data the model was measured on, and how its images
+    were shown to it) replace the model's own when given. ``.safetensors`` (recommended) stores
+    the info as header metadata; ``.pt`` stores tensors and strings only, so it loads with
+    ``torch.load(weights_only=True)``.
     """
     out = Path(path)
-    info = (
-        model.info
-        if train_data is None
-        else model.info.model_copy(update={"train_data": train_data})
-    )
+    update = {"train_data": train_data, "preprocess": preprocess}
+    info = model.info.model_copy(update={k: v for k, v in update.items() if v is not None})
     if info.arch.split(":")[0] not in FAMILIES:
         raise MemauditError(
             f"cannot save a {info.arch} model as a memaudit checkpoint: its architecture is not "

@@ -155,7 +155,10 @@ def unlearn_command(
             on_progress=on_progress,
         )
     )
-    saved = save_model(result.model, out_model)
+    # What it was measured on and how: the unlearned model reloads with no flags.
+    saved = save_model(
+        result.model, out_model, train_data=inputs.train.ref, preprocess=inputs.train.preprocess
+    )
     report = result.report.model_copy(update={"out_model": str(saved)})
     out.print(unlearn_table(report))
     err.print(f"unlearned model written to {saved}")

@@ -301,15 +301,17 @@ def verdict_sentences(
             f"After unlearning, the model predicts the given label for {found.n_correct_after} of "
             f"{n} flagged examples; {found.n_localized_after} still flip with ≤ {cap} units."
         )
-    return lines
+    return lines + [f"Caution: {w}." for w in found.warnings]
 
 
 def unlearn_sentences(unlearns: Sequence[UnlearnReport]) -> list[str]:
     """Plain-words lines for unlearning runs without a scan."""
-    return [
+    lines = [
         f"Unlearning with {u.method} ({u.seconds:.0f} s) took flagged accuracy from "
         f"{u.before.flagged_accuracy:.0%} to {u.after.flagged_accuracy:.0%}"
         + (f" (retraining: {u.retrain.flagged_accuracy:.0%})" if u.retrain else "")
         + "."
         for u in unlearns
     ]
+    warnings = dict.fromkeys(w for u in unlearns if u.preflight for w in u.preflight.warnings)
+    return lines + [f"Caution: {w}." for w in warnings]

@@ -61,6 +61,11 @@ class Preflight(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     seconds: float = Field(ge=0)
 
+    def threshold(self) -> str:
+        """The refusal rule that was applied, in words."""
+        chance = "n/a" if self.chance is None else f"{self.chance:.1%}"
+        return f"refused below {self.min_train_accuracy:.1%} (chance {chance})"
+
     def describe(self) -> str:
         """One line: the measured accuracies."""
         if self.train_accuracy is None:

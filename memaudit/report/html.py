@@ -32,6 +32,7 @@ from memaudit.report._audit import (
 )
 from memaudit.report._base import Report, ReportError
 from memaudit.report._html_parts import dl, e, figure, kv_table, probe_section
+from memaudit.report._inputs import Preflight
 from memaudit.report._kinds import from_dict, read_json
 from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
 from memaudit.report._scan import ExampleResult, ScanReport, Status
@@ -286,6 +287,15 @@ def _header(view: _View) -> str:
             items.append(("Model", e(other.model)))
             items.append(("Data", e(other.data)))
             items.append(("Flagged examples", f"{other.n_flagged:,}"))
+    checked = _preflight(view)
+    if checked is not None:
+        items.append(("Inputs", e(checked.preprocessing.describe())))
+        items.append(
+            (
+                "Preflight",
+                f"{e(checked.describe())} <span class=muted>({e(checked.threshold())})</span>",
+            )
+        )
     if first is not None:
         items.append(("Date", e(first.created.strftime("%Y-%m-%d %H:%M:%S %Z").strip())))
         items.append(("Tool version", f"memaudit {e(first.memaudit_version)}"))
@@ -300,6 +310,12 @@ def _header(view: _View) -> str:
         )
     )
     return f'<section class="header">{dl(items)}</section>'
+
+
+def _preflight(view: _View) -> Preflight | None:
+    """The check of the audited model (before any edit): of the scan, or else of a run."""
+    runs: list[Any] = [view.scan, *view.unlearns, *view.probes]
+    return next((r.preflight for r in runs if r is not None and r.preflight is not None), None)
 
 
 def _verdict(view: _View) -> str:

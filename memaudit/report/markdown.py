@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from memaudit.report._audit import AuditReport, unlearn_sentences, verdict, verdict_sentences
 from memaudit.report._base import Report, ReportError
+from memaudit.report._inputs import Preflight
 from memaudit.report._scan import ScanReport
 from memaudit.report._unlearn import UnlearnReport, UnlearnScores
 
@@ -46,6 +47,7 @@ def render_markdown(*reports: Report, localized_units: int | None = None) -> str
             f"| Model | {md(scan.model.source)} ({md(scan.model.arch)}) |",
             f"| Data | {md(scan.data.source)}, split {md(scan.data.split)} |",
             f"| Flagged examples | {scan.summary.n_flagged} |",
+            *_preflight_rows(scan.preflight),
             f"| Date | {reports[0].created:%Y-%m-%d %H:%M UTC} |",
             f"| memaudit | {md(reports[0].memaudit_version)} |",
             "",
@@ -79,6 +81,15 @@ def render_markdown(*reports: Report, localized_units: int | None = None) -> str
     if audit and audit.provenance.command:
         lines += [f"Command: `{audit.provenance.command.replace('`', '')}`", ""]
     return "\n".join(lines)
+
+
+def _preflight_rows(checked: Preflight | None) -> list[str]:
+    if checked is None:
+        return []
+    return [
+        f"| Inputs | {md(checked.preprocessing.describe())} |",
+        f"| Preflight | {md(checked.describe())} ({md(checked.threshold())}) |",
+    ]
 
 
 def _scores_table(unlearns: Sequence[UnlearnReport]) -> list[str]:
