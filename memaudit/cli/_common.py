@@ -108,23 +108,22 @@ def parse_ints(text: str | None, option: str) -> list[int] | None:
         raise MemauditError(f"{option} takes integers separated by commas, got {text!r}") from None
 
 
-def writable(path: Path, option: str) -> Path:
-    """``path``, checked before any work: a one-line error if it could not be written.
-
-    Creates nothing: the nearest existing folder above ``path`` must be a writable folder.
+def writable(path: Path, option: str, *, folder: bool = False) -> Path:
+    """``path`` (a file, or a ``folder``), checked before any work: a one-line error if it
+    could not be written. Creates nothing: the nearest existing folder above must be writable.
     """
-    folder = path if option == "--out-dir" else path.parent
-    if path.is_dir() and option != "--out-dir":
+    where = path if folder else path.parent
+    if path.is_dir() and not folder:
         raise MemauditError(f"{option} {path} is a folder; give a file name")
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    existing = next(p for p in (where, *where.parents) if p.exists() or p == p.parent)
     if not existing.is_dir():
         raise MemauditError(
-            f"{option} {path}: cannot create the folder {folder}, as {existing} is a file; "
+            f"{option} {path}: cannot create the folder {where}, as {existing} is a file; "
             "choose another location"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise MemauditError(
-            f"{option} {path}: cannot create or write the folder {folder} ({existing} is not "
+            f"{option} {path}: cannot create or write the folder {where} ({existing} is not "
             "writable); choose another location"
         )
     return path
@@ -215,9 +214,14 @@ def load_inputs(
     if validate is not None:
         validate(loaded)
     auditor = Auditor(loaded, train, test, device=device, min_train_accuracy=min_train_accuracy)
-    say(f"inputs: {train.preprocessing.describe()}")
+    return Inputs(auditor, ids, rows, preflight(auditor, ids))
+
+
+def preflight(auditor: Auditor, ids: list[int]) -> Preflight:
+    """Run the auditor's preflight check on ``ids``; say the inputs, the result and warnings."""
+    say(f"inputs: {auditor.train.preprocessing.describe()}")
     checked = auditor.preflight(ids)
-    say(checked.describe())
+    say(f"preflight: {checked.describe()}")
     for warning in checked.warnings:
         warnings.warn(warning, UserWarning, stacklevel=2)
-    return Inputs(auditor, ids, rows, checked)
+    return checked

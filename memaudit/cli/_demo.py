@@ -10,7 +10,7 @@ from rich.table import Table
 
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
-from memaudit.cli._common import DeviceOpt
+from memaudit.cli._common import DeviceOpt, preflight, writable
 from memaudit.cli._report import _run_audit, audit_table, command_line
 from memaudit.cli._scan import scan_table
 from memaudit.cli._testbed import run_testbed, testbed_table
@@ -66,7 +66,7 @@ def demo(
     Builds the label-noise testbed, scans noisy and clean examples, unlearns the noisy ones with
     example-tied dropout, re-scans, and writes demo-report.html (with thumbnails).
     """
-    testbed_dir = out_dir / "testbed"
+    testbed_dir = writable(out_dir, "--out", folder=True) / "testbed"
     result = load_testbed(testbed_dir)
     if result is None:
         err.print("[bold]Building the label-noise testbed[/] (real MNIST, 10% wrong labels)")
@@ -81,8 +81,10 @@ def demo(
     noisy = read_ids(result.noisy_ids)
     ids = noisy[:n] if n > 0 else noisy
     err.print(f"[bold]Auditing {len(ids)} noisy ids[/] and {len(ids)} clean ones for comparison")
+    auditor = Auditor(model, train, test, device=device)
+    preflight(auditor, ids)
     audit = _run_audit(
-        Auditor(model, train, test, device=device),
+        auditor,
         ids,
         compare=len(ids),
         out_model=out_dir / "unlearned.safetensors",

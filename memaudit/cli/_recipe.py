@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from memaudit.cli._app import app, err, out
-from memaudit.cli._common import DeviceOpt
+from memaudit.cli._common import DeviceOpt, writable
 from memaudit.cli._testbed import StageBars, progress
 from memaudit.recipes import load_recipe, run_recipe
 
@@ -26,6 +26,7 @@ def run_command(
 ) -> None:
     """Run a recipe: testbed, layer probes, audit, example-tied dropout; JSON + one HTML page."""
     spec = load_recipe(recipe)
+    writable(out_dir, "--out", folder=True)
     err.print(f"[bold]recipe {spec.name}[/] -> {out_dir}")
     with progress() as bar:
         written = run_recipe(

@@ -107,6 +107,9 @@ def report(
     Scans after the first are shown as comparison groups; an HTML page written by memaudit can be
     read back (``memaudit report audit.html --json audit.json``).
     """
+    for path, option in ((html_path, "--html"), (json_path, "--json"), (md_path, "--md")):
+        if path is not None:
+            writable(path, option)
     page = _read(files)
     if html_path is not None:
         written = write_html(
@@ -244,7 +247,7 @@ def audit_command(
     """
     command = command_line()
     started, start = datetime.now(timezone.utc), time.perf_counter()
-    writable(out_dir, "--out-dir")
+    writable(out_dir, "--out-dir", folder=True)
     settings = scan_settings(max_units=max_units, batch_size=batch_size, scorer=scorer, seed=seed)
     inputs = load_inputs(
         model,

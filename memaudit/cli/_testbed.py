@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from memaudit.cli._app import app, err, out
-from memaudit.cli._common import DeviceOpt
+from memaudit.cli._common import DeviceOpt, writable
 from memaudit.errors import MemauditError, validated
 from memaudit.testbed import (
     EpochEnd,
@@ -137,7 +137,7 @@ def testbed(
         "example_tied_dropout": example_tied_dropout,
     }
     config = validated(TestbedConfig, values, "testbed setting")
-    result = run_testbed(out_dir, config, device)
+    result = run_testbed(writable(out_dir, "--out", folder=True), config, device)
     out.print(testbed_table(result))
 
 

@@ -64,13 +64,13 @@ class Preflight(BaseModel):
     def threshold(self) -> str:
         """The refusal rule that was applied, in words."""
         chance = "n/a" if self.chance is None else f"{self.chance:.1%}"
-        return f"refused below {self.min_train_accuracy:.1%} (chance {chance})"
+        return f"refused below {self.min_train_accuracy:.1%}; chance {chance}"
 
     def describe(self) -> str:
         """One line: the measured accuracies."""
         if self.train_accuracy is None:
-            return "preflight: no non-flagged training rows to measure"
-        text = f"preflight: {self.train_accuracy:.1%} of {self.n_train} non-flagged training rows"
+            return "no non-flagged training rows to measure"
+        text = f"{self.train_accuracy:.1%} of {self.n_train} non-flagged training rows"
         if self.test_accuracy is not None:
             text += f", {self.test_accuracy:.1%} of {self.n_test} test rows"
         return text + " predicted as labelled"
