@@ -34,7 +34,7 @@ from memaudit.data import ImageDataset
 from memaudit.localize import greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
-from memaudit.report import ScanReport
+from memaudit.schema import ScanReport
 from memaudit.testbed import build_testbed, load_testbed, pick_device
 
 sys.path.insert(0, str(Path(__file__).parent))

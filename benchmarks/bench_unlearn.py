@@ -31,8 +31,8 @@ from rich.table import Table
 from memaudit import load_dataset, load_model, read_ids
 from memaudit.dropout import bind_ids, dropout_layers, insert_dropout
 from memaudit.models import Classifier
-from memaudit.report import UnlearnScores
-from memaudit.report._unlearn import accuracy_gap
+from memaudit.schema import UnlearnScores
+from memaudit.schema._unlearn import accuracy_gap
 from memaudit.unlearn import METHODS, fresh_copy, unlearn
 
 console = Console(stderr=True)

@@ -6,7 +6,7 @@ from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier, ModelInfo, load_model, save_model
-from memaudit.report import ScanReport, ScanSettings
+from memaudit.schema import ScanReport, ScanSettings
 from memaudit.units import Unit, UnitSpace
 
 __all__ = [

@@ -21,17 +21,10 @@ import torch
 
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier, save_model
-from memaudit.report._audit import (
-    AuditReport,
-    Provenance,
-    StageTime,
-    digest,
-    gates,
-    verdict,
-    versions,
-)
-from memaudit.report._scan import ScanReport, ScanSettings
-from memaudit.report._unlearn import UnlearnReport
+from memaudit.provenance import digest, versions
+from memaudit.schema._audit import AuditReport, Provenance, StageTime, gates, verdict
+from memaudit.schema._scan import ScanReport, ScanSettings
+from memaudit.schema._unlearn import UnlearnReport
 
 if TYPE_CHECKING:
     from memaudit.auditor import Auditor

@@ -25,8 +25,8 @@ from memaudit.localize import (
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier, load_model
 from memaudit.preflight import preflight
-from memaudit.report._inputs import Preflight
-from memaudit.report._scan import (
+from memaudit.schema._inputs import Preflight
+from memaudit.schema._scan import (
     DataSummary,
     ExampleResult,
     LayerCount,

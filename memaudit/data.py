@@ -20,7 +20,7 @@ from PIL import Image
 
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, DataRef, Preprocess
-from memaudit.report._inputs import Preprocessing
+from memaudit.schema._inputs import Preprocessing
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels")

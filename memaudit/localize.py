@@ -45,7 +45,7 @@ from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError, validated
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
-from memaudit.report._scan import ExampleResult, ScanSettings, Status, UnitRef
+from memaudit.schema._scan import ExampleResult, ScanSettings, Status, UnitRef
 from memaudit.units import Unit, UnitSpace
 
 

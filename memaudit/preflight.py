@@ -22,7 +22,7 @@ import torch
 from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
-from memaudit.report._inputs import Preflight, Preprocessing
+from memaudit.schema._inputs import Preflight, Preprocessing
 
 PREFLIGHT_ROWS = 256  # per split: enough to tell chance from a fitted model, cheap on a CPU
 WEAK_TRAIN_ACCURACY = 0.9  # below this, the verdict says the model does not fit its data

@@ -20,7 +20,7 @@ from memaudit.auditor import Auditor
 from memaudit.data import load_dataset, read_ids
 from memaudit.errors import MemauditError, validation_problem
 from memaudit.models import load_model
-from memaudit.report import Grouping, Report, ScanSettings
+from memaudit.schema import Grouping, Report, ScanSettings
 from memaudit.testbed import TestbedConfig, TestbedResult, build_testbed, load_testbed
 
 Stage = Callable[[str], None]
@@ -139,7 +139,7 @@ def run_recipe(
         )
         written["testbed-etd"] = root / "testbed-etd" / "testbed.json"
 
-    from memaudit.report.html import write_html
+    from memaudit.render.html import write_html
 
     written["html"] = write_html(
         root / "report.html", *reports, title=f"memaudit recipe: {recipe.name}"

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError
 from memaudit.models import FAMILIES, Classifier, build_model
-from memaudit.report import UnlearnReport, UnlearnScores
-from memaudit.report._inputs import Preflight
+from memaudit.schema import UnlearnReport, UnlearnScores
+from memaudit.schema._inputs import Preflight
 from memaudit.testbed import EpochEnd, pick_device, train
 from memaudit.units import zero_unit_weights
 

@@ -18,8 +18,9 @@ from memaudit.cli import main
 from memaudit.data import write_ids
 from memaudit.errors import MemauditError
 from memaudit.models import DataRef, Preprocess, build_model, save_model
-from memaudit.report import AuditReport, ReportError, read_html
-from memaudit.report.markdown import md, render_markdown
+from memaudit.render.html import read_html
+from memaudit.render.markdown import md, render_markdown
+from memaudit.schema import AuditReport, ReportError
 from memaudit.testbed import train
 
 FLAGGED = [1, 4, 7, 9]

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from test_report_html import EVIL, _png, probe_reports, synthetic_audit
 
-from memaudit.report import render_html, write_html
+from memaudit.render.html import render_html, write_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

@@ -16,7 +16,7 @@ from memaudit.data import ImageDataset
 from memaudit.localize import SCORERS, ScoreContext, exact_reference_grad, scan_settings
 from memaudit.masks import UnitMasks
 from memaudit.models import Preprocess, load_model
-from memaudit.report import ScanReport, Status
+from memaudit.schema import ScanReport, Status
 
 
 def _hand_model() -> nn.Module:

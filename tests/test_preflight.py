@@ -20,7 +20,7 @@ from memaudit.data import ImageDataset, load_dataset, write_ids
 from memaudit.errors import MemauditError
 from memaudit.models import Preprocess, build_model, load_model
 from memaudit.preflight import default_min_accuracy, preflight
-from memaudit.report import AuditReport, GradientsReport, ScanReport, UnlearnReport
+from memaudit.schema import AuditReport, GradientsReport, ScanReport, UnlearnReport
 
 SIZE, CLASSES = 32, 3
 FLAGGED = [0, 1, 2]

@@ -25,7 +25,7 @@ from memaudit.probes import (
     rewind_layers,
     swapped,
 )
-from memaudit.report import GradientsReport, RetrainReport, RewindReport
+from memaudit.schema import GradientsReport, RetrainReport, RewindReport
 from memaudit.testbed import train
 
 FLAGGED = [1, 4, 7]

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memaudit.report import ReportError, ScanReport, UnlearnReport, UnlearnScores
-from memaudit.report._audit import AuditReport, Provenance, gates, verdict
-from memaudit.report._probes import (
+from memaudit.render.html import read_html, read_reports, render_fragment, render_html, write_html
+from memaudit.schema import ReportError, ScanReport, UnlearnReport, UnlearnScores
+from memaudit.schema._audit import AuditReport, Provenance, gates, verdict
+from memaudit.schema._probes import (
     Accuracies,
     GradientsReport,
     LayerGradients,
@@ -25,7 +26,7 @@ from memaudit.report._probes import (
     RetrainReport,
     RewindReport,
 )
-from memaudit.report._scan import (
+from memaudit.schema._scan import (
     DataSummary,
     ExampleResult,
     LayerCount,
@@ -36,7 +37,6 @@ from memaudit.report._scan import (
     UnitRef,
     summarize,
 )
-from memaudit.report.html import read_html, read_reports, render_html
 
 EVIL = "<script>alert(1)</script>"
 LAYERS = [f"layer{i}.conv" for i in range(8)] + ["fc"]
@@ -312,7 +312,7 @@ def test_thumbnails_only_when_asked_and_kept_on_rerender(tmp_path: Path) -> None
 
 
 def _png(seed: int) -> str:
-    from memaudit.report._plots import thumbnail
+    from memaudit.render._plots import thumbnail
 
     rng = np.random.default_rng(seed)
     return thumbnail(rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
@@ -345,12 +345,12 @@ def test_one_audit_per_page() -> None:
 
 
 def test_repr_html_is_a_fragment() -> None:
-    fragment = synthetic_scan(5)._repr_html_()
+    fragment = render_fragment(synthetic_scan(5))
     assert fragment.startswith('<div class="memaudit">') and "<html" not in fragment
 
 
 def test_to_html_writes_a_page(tmp_path: Path) -> None:
-    path = synthetic_unlearn().to_html(tmp_path / "u.html")
+    path = write_html(tmp_path / "u.html", synthetic_unlearn())
     assert read_html(path).reports[0].kind == "unlearn"
 
 
@@ -367,7 +367,7 @@ def test_command_shown_for_reports_without_provenance() -> None:
 
 
 def test_markdown_of_unlearning_alone() -> None:
-    from memaudit.report.markdown import render_markdown
+    from memaudit.render.markdown import render_markdown
 
     text = render_markdown(synthetic_unlearn())
     assert "took flagged accuracy from 100% to 8% (retraining: 5%)" in text

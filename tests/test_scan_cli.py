@@ -10,7 +10,7 @@ import torch
 
 from memaudit.cli import main
 from memaudit.models import DataRef, Preprocess, build_model, save_model
-from memaudit.report import ScanReport
+from memaudit.schema import ScanReport
 
 
 @pytest.fixture(scope="module")

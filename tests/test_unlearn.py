@@ -13,7 +13,7 @@ from memaudit.cli import main
 from memaudit.data import ImageDataset, load_dataset, write_ids
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier, DataRef, Preprocess, build_model, load_model, save_model
-from memaudit.report import UnlearnReport
+from memaudit.schema import UnlearnReport
 from memaudit.unlearn import (
     METHODS,
     UnlearnMethod,

@@ -17,7 +17,7 @@ from memaudit.cli._app import err
 from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, load_model
-from memaudit.report._inputs import Preflight
+from memaudit.schema._inputs import Preflight
 
 ModelArg = Annotated[
     str,

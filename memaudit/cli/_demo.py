@@ -16,9 +16,9 @@ from memaudit.cli._scan import scan_table
 from memaudit.cli._testbed import run_testbed, testbed_table
 from memaudit.data import load_dataset, read_ids
 from memaudit.models import load_model
-from memaudit.report import AuditReport, ScanReport
-from memaudit.report.html import write_html
-from memaudit.report.markdown import render_markdown
+from memaudit.render.html import write_html
+from memaudit.render.markdown import render_markdown
+from memaudit.schema import AuditReport, ScanReport
 from memaudit.testbed import TestbedConfig, load_testbed
 
 

@@ -41,7 +41,7 @@ from memaudit.probes import (
     retrain_layers,
     rewind_layers,
 )
-from memaudit.report import GradientsReport, Grouping, Report, RetrainReport, RewindReport
+from memaudit.schema import GradientsReport, Grouping, Report, RetrainReport, RewindReport
 
 R = TypeVar("R", bound=Report)
 probe_app = typer.Typer(

@@ -37,10 +37,11 @@ from memaudit.cli._common import (
 from memaudit.cli._testbed import StageBars, progress
 from memaudit.errors import MemauditError
 from memaudit.localize import scan_settings
-from memaudit.report import KINDS, AuditReport, Report
-from memaudit.report._audit import StageTime
-from memaudit.report.html import Page, read_html, write_html
-from memaudit.report.markdown import render_markdown
+from memaudit.render.html import Page, read_html, write_html
+from memaudit.render.markdown import render_markdown
+from memaudit.render.sentences import gate_message
+from memaudit.schema import KINDS, AuditReport, Report
+from memaudit.schema._audit import StageTime
 from memaudit.unlearn import METHODS
 
 ARGV: list[str] = []  # the arguments main() was given, for the report's command line
@@ -72,7 +73,7 @@ def _read(paths: list[Path]) -> Page:
             reports += page.reports
             thumbs.update(page.thumbnails)
         else:
-            from memaudit.report import read_json
+            from memaudit.schema import read_json
 
             reports.append(read_json(path))
     return Page(reports=reports, thumbnails=thumbs)
@@ -138,7 +139,7 @@ def schema(
     kind: Annotated[str, typer.Argument(help=f"Report kind: {', '.join(KINDS)}.")],
 ) -> None:
     """Print the JSON Schema of a report kind."""
-    from memaudit.report import report_class
+    from memaudit.schema import report_class
 
     out.print_json(json.dumps(report_class(kind).model_json_schema()))
 
@@ -293,10 +294,10 @@ def audit_command(
     out.print(audit_table(result.report))
     for gate in result.report.gates:
         if gate.passed:
-            err.print(gate.message, highlight=False, markup=False)
+            err.print(gate_message(gate), highlight=False, markup=False)
     failed = [g for g in result.report.gates if not g.passed]
     if failed:
-        raise GateFailed("; ".join(g.message for g in failed))
+        raise GateFailed("; ".join(gate_message(g) for g in failed))
 
 
 def _write_outputs(report: AuditReport, out_dir: Path, *, images: Any) -> None:

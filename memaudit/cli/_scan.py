@@ -30,8 +30,8 @@ from memaudit.cli._common import (
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.localize import SCORERS, scan_settings
-from memaudit.report import ScanReport, ScanSettings
-from memaudit.report.html import write_html
+from memaudit.render.html import write_html
+from memaudit.schema import ScanReport, ScanSettings
 
 
 def scan_table(report: ScanReport, *, title: str = "scan") -> Table:

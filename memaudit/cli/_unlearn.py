@@ -31,8 +31,8 @@ from memaudit.cli._common import (
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.models import save_model
-from memaudit.report import UnlearnReport, UnlearnScores
-from memaudit.report.html import write_html
+from memaudit.render.html import write_html
+from memaudit.schema import UnlearnReport, UnlearnScores
 from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep
 
 

@@ -31,7 +31,7 @@ from memaudit.probes._layers import (
     swapped,
 )
 from memaudit.probes._rewind import retrain_layers, rewind_layers
-from memaudit.report import Grouping
+from memaudit.schema import Grouping
 
 __all__ = [
     "Checkpoint",

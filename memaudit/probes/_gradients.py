@@ -32,7 +32,7 @@ from memaudit.probes._layers import (
     read_state,
     swapped,
 )
-from memaudit.report import GradientsReport, Grouping, LayerGradients
+from memaudit.schema import GradientsReport, Grouping, LayerGradients
 from memaudit.testbed import EpochEnd, pick_device
 
 GradientMode = Literal["training", "checkpoint"]

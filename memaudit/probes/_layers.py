@@ -15,7 +15,7 @@ from torch import nn
 from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
-from memaudit.report import Grouping
+from memaudit.schema import Grouping
 
 _UNIT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)

@@ -31,7 +31,7 @@ from memaudit.probes._layers import (
     read_state,
     swapped,
 )
-from memaudit.report import (
+from memaudit.schema import (
     Accuracies,
     Grouping,
     LayerRetrain,

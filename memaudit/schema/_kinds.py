@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from memaudit.report._audit import AuditReport
-from memaudit.report._base import Report, ReportError
-from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
-from memaudit.report._scan import ScanReport
-from memaudit.report._unlearn import UnlearnReport
+from memaudit.schema._audit import AuditReport
+from memaudit.schema._base import Report, ReportError
+from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
+from memaudit.schema._scan import ScanReport
+from memaudit.schema._unlearn import UnlearnReport
 
 KINDS: dict[str, type[Report]] = {
     cls.KIND: cls

@@ -5,7 +5,7 @@ forbids every network load, and each report's JSON (so :func:`read_html` gets th
 Every string that comes from a model, a dataset or a file is escaped.
 
 Example:
-    >>> from memaudit.report import ScanReport                        # doctest: +SKIP
+    >>> from memaudit.schema import ScanReport                        # doctest: +SKIP
     >>> write_html("scan.html", ScanReport.from_json("scan.json"))    # doctest: +SKIP
 """
 
@@ -22,21 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from memaudit._version import __version__
-from memaudit.report import _plots as plots
-from memaudit.report._audit import (
-    AuditReport,
-    Verdict,
-    unlearn_sentences,
-    verdict,
-    verdict_sentences,
-)
-from memaudit.report._base import Report, ReportError
-from memaudit.report._html_parts import dl, e, figure, kv_table, probe_section
-from memaudit.report._inputs import Preflight
-from memaudit.report._kinds import from_dict, read_json
-from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
-from memaudit.report._scan import ExampleResult, ScanReport, Status
-from memaudit.report._unlearn import UnlearnReport
+from memaudit.render import _plots as plots
+from memaudit.render._html_parts import dl, e, figure, kv_table, probe_section
+from memaudit.render.sentences import gate_message, unlearn_sentences, verdict_sentences
+from memaudit.schema._audit import AuditReport, Verdict, verdict
+from memaudit.schema._base import Report, ReportError
+from memaudit.schema._inputs import Preflight
+from memaudit.schema._kinds import from_dict, read_json
+from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
+from memaudit.schema._scan import ExampleResult, ScanReport, Status
+from memaudit.schema._unlearn import UnlearnReport
 
 LOCALIZED_UNITS = 5  # the paper: about 5 units flip a memorized example
 CSP = (
@@ -342,7 +337,7 @@ def _gates(view: _View) -> str:
         return ""
     rows = "".join(
         f'<li class="{"pass" if g.passed else "fail"}">{"PASS" if g.passed else "FAIL"}: '
-        f"{e(g.message)}</li>"
+        f"{e(gate_message(g))}</li>"
         for g in view.audit.gates
     )
     return f'<section class="gates"><h2>Gates</h2><ul>{rows}</ul></section>'

@@ -52,18 +52,6 @@ class Report(BaseModel):
         out.write_text(self.model_dump_json(indent=2))
         return out
 
-    def to_html(self, path: str | os.PathLike[str]) -> Path:
-        """Write a self-contained HTML page of the report (see :mod:`memaudit.report.html`)."""
-        from memaudit.report.html import write_html  # lazy: matplotlib loads only when asked
-
-        return write_html(path, self)
-
-    def _repr_html_(self) -> str:
-        """The report's HTML view in a notebook."""
-        from memaudit.report.html import render_fragment
-
-        return render_fragment(self)
-
     @classmethod
     def from_json(cls: type[R], path: str | os.PathLike[str]) -> R:
         """Read and validate a report; a clear error for other files or newer schemas."""

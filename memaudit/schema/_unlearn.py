@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memaudit.report._base import Report
-from memaudit.report._inputs import Preflight
+from memaudit.schema._base import Report
+from memaudit.schema._inputs import Preflight
 
 
 class UnlearnScores(BaseModel):

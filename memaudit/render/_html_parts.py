@@ -6,9 +6,9 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from memaudit.report import _plots as plots
-from memaudit.report._base import Report
-from memaudit.report._probes import GradientsReport, RetrainReport, RewindReport
+from memaudit.render import _plots as plots
+from memaudit.schema._base import Report
+from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
 
 
 def e(value: object) -> str:

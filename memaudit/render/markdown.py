@@ -1,7 +1,7 @@
 """A short Markdown summary of reports: for a CI job summary or a pull-request comment.
 
 Example:
-    >>> from memaudit.report import AuditReport                     # doctest: +SKIP
+    >>> from memaudit.schema import AuditReport                     # doctest: +SKIP
     >>> print(render_markdown(AuditReport.from_json("audit.json")))  # doctest: +SKIP
 """
 
@@ -11,11 +11,12 @@ import html
 import re
 from collections.abc import Sequence
 
-from memaudit.report._audit import AuditReport, unlearn_sentences, verdict, verdict_sentences
-from memaudit.report._base import Report, ReportError
-from memaudit.report._inputs import Preflight
-from memaudit.report._scan import ScanReport
-from memaudit.report._unlearn import UnlearnReport, UnlearnScores
+from memaudit.render.sentences import gate_message, unlearn_sentences, verdict_sentences
+from memaudit.schema._audit import AuditReport, verdict
+from memaudit.schema._base import Report, ReportError
+from memaudit.schema._inputs import Preflight
+from memaudit.schema._scan import ScanReport
+from memaudit.schema._unlearn import UnlearnReport, UnlearnScores
 
 LOCALIZED_UNITS = 5
 _SPECIAL = re.compile(r"([\\`*_\[\]|~])")  # what can start markup mid-line
@@ -74,7 +75,7 @@ def render_markdown(*reports: Report, localized_units: int | None = None) -> str
         lines += ["**Verdict**", "", *(f"- {md(s)}" for s in unlearn_sentences(unlearns)), ""]
     if audit and audit.gates:
         lines += ["**Gates**", ""]
-        lines += [f"- {'✅' if g.passed else '❌'} {md(g.message)}" for g in audit.gates]
+        lines += [f"- {'✅' if g.passed else '❌'} {md(gate_message(g))}" for g in audit.gates]
         lines.append("")
     if unlearns:
         lines += _scores_table(unlearns)

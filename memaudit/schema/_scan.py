@@ -7,8 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memaudit.report._base import Report
-from memaudit.report._inputs import Preflight
+from memaudit.schema._base import Report
+from memaudit.schema._inputs import Preflight
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
