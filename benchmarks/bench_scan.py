@@ -31,11 +31,12 @@ from rich.table import Table
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
 from memaudit.auditor import _complement, _sample
 from memaudit.data import ImageDataset
+from memaudit.engine import pick_device
 from memaudit.localize import greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import ScanReport
-from memaudit.testbed import build_testbed, load_testbed, pick_device
+from memaudit.testbed import build_testbed, load_testbed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_sequential import SequentialResult, sequential_flip

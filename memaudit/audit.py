@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memaudit.data import complement, sample
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier, save_model
 from memaudit.provenance import digest, versions
@@ -178,14 +179,10 @@ def _check(
 
 def _comparison_ids(auditor: Auditor, ids: Sequence[int], n: int, *, seed: int) -> list[int]:
     """``n`` random ids of the training split that are not flagged (seeded)."""
-    rows = auditor.train.rows(ids)
-    keep = torch.ones(len(auditor.train), dtype=torch.bool)
-    keep[rows] = False
-    free = keep.nonzero().flatten()
+    free = complement(len(auditor.train), auditor.train.rows(ids))
     if not len(free):
         raise MemauditError("no non-flagged examples left for a comparison group; drop --compare")
-    gen = torch.Generator().manual_seed(seed + 1)
-    picked = free[torch.randperm(len(free), generator=gen)[:n]].sort().values
+    picked = sample(free, n, torch.Generator().manual_seed(seed + 1))
     if auditor.train.ids is not None:
         return [int(v) for v in auditor.train.ids[picked].tolist()]
     return [int(v) for v in picked.tolist()]

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from memaudit.data import ImageDataset, check_compatible
+from memaudit.engine import accuracy, pick_device
 from memaudit.errors import MemauditError
 from memaudit.localize import (
     edited_accuracy,
@@ -37,7 +38,6 @@ from memaudit.schema._scan import (
     Timing,
     summarize,
 )
-from memaudit.testbed import accuracy, pick_device
 from memaudit.unlearn import UnlearnResult, unlearn
 
 if TYPE_CHECKING:

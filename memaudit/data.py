@@ -122,6 +122,35 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
         return torch.tensor([index[i] for i in ids], dtype=torch.long)
 
 
+def complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """The rows of ``0..n-1`` not in ``rows``, in order (e.g. the training rows not flagged)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.as_tensor(rows, dtype=torch.long)] = False
+    return keep.nonzero().flatten()
+
+
+def validate_rows(data: ImageDataset, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """``rows`` of ``data`` as a sorted tensor without repeats; one-line errors if empty or out
+    of range (ids of an id column: :meth:`ImageDataset.rows`)."""
+    found = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    if found.numel() == 0:
+        raise MemauditError("no flagged examples given; pass a file of example ids with --flagged")
+    bad = found[(found < 0) | (found >= len(data))]
+    if bad.numel():
+        raise MemauditError(
+            f"flagged row {int(bad[0])} is out of range: the data has {len(data)} examples "
+            f"(rows 0-{len(data) - 1})"
+        )
+    return found.unique()
+
+
+def sample(rows: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``size`` of ``rows`` drawn without replacement, sorted (all of them if fewer)."""
+    if size >= len(rows):
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[:size]].sort().values
+
+
 def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
     if len(values) == 1:
         return tuple(values) * channels

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from memaudit.data import ImageDataset
+from memaudit.data import ImageDataset, complement, sample
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
 from memaudit.schema._inputs import Preflight, Preprocessing
@@ -53,11 +53,9 @@ def preflight(
     start = time.perf_counter()
     _check_finite_weights(model)
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.ones(len(train), dtype=torch.bool)
-    keep[torch.as_tensor(flagged_rows, dtype=torch.long)] = False
-    train_rows = _sample(keep.nonzero().flatten(), rows, gen)
+    train_rows = sample(complement(len(train), flagged_rows), rows, gen)
     train_pred = _predictions(model, train, train_rows, device)
-    test_rows = _sample(torch.arange(len(test)), rows, gen) if test is not None else None
+    test_rows = sample(torch.arange(len(test)), rows, gen) if test is not None else None
     test_pred = (
         _predictions(model, test, test_rows, device)
         if test is not None and test_rows is not None
@@ -127,12 +125,6 @@ def _predictions(
             )
         preds.append(logits.argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-
-
-def _sample(rows: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
-    if size >= len(rows):
-        return rows
-    return rows[torch.randperm(len(rows), generator=gen)[:size]].sort().values
 
 
 def _share(hits: torch.Tensor) -> float | None:

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit._version import __version__
-from memaudit.data import ImageDataset, load_dataset, write_ids
-from memaudit.errors import MemauditError
+from memaudit.data import ImageDataset, complement, load_dataset, write_ids
+from memaudit.engine import BatchHook, EpochEnd, accuracy, fit, pick_device
 from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -105,122 +103,6 @@ def label_noise(
     noisy = labels.clone()
     noisy[ids] = (labels[ids] + shift) % num_classes
     return noisy, ids
-
-
-@dataclass(frozen=True)
-class EpochEnd:
-    """Passed to ``on_epoch`` after each training epoch."""
-
-    epoch: int
-    epochs: int
-    loss: float
-    model: Classifier
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MemauditError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MemauditError("--device cuda was asked for but no CUDA GPU is available; use cpu")
-    return dev
-
-
-BatchHook = Callable[[torch.Tensor], None]
-LossHook = Callable[[torch.Tensor, torch.Tensor], None]  # (ids, per-example losses)
-
-
-def train(
-    model: Classifier,
-    data: ImageDataset,
-    *,
-    epochs: int,
-    batch_size: int = 128,
-    lr: float = 0.05,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    seed: int = 0,
-    rows: torch.Tensor | None = None,
-    device: str | torch.device = "auto",
-    on_epoch: Callable[[EpochEnd], None] | None = None,
-    on_batch: BatchHook | None = None,
-    on_loss: LossHook | None = None,
-) -> Classifier:
-    """Train ``model`` on ``data`` (or its ``rows``) with SGD and a one-cycle schedule.
-
-    ``on_batch`` receives the example ids of each batch before its forward pass (example-tied
-    dropout uses it); ``on_loss`` receives the ids and the per-example losses, still on the
-    autograd graph, before the backward pass (the gradient probe uses it); ``on_epoch`` receives
-    an :class:`EpochEnd`.
-    """
-    dev = pick_device(device)
-    model.to(dev).train()
-    subset = torch.arange(len(data)) if rows is None else rows
-    gen = torch.Generator().manual_seed(seed)
-    steps = (len(subset) + batch_size - 1) // batch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
-    labels = data.labels.to(dev)
-    for epoch in range(1, epochs + 1):
-        order = subset[torch.randperm(len(subset), generator=gen)]
-        total = 0.0
-        for batch in order.split(batch_size):
-            if on_batch is not None:
-                on_batch(batch)
-            losses = F.cross_entropy(
-                model(data.batch(batch, dev)), labels[batch.to(dev)], reduction="none"
-            )
-            if on_loss is not None:
-                on_loss(batch, losses)
-            loss = losses.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(batch)
-        if on_epoch is not None:
-            model.eval()
-            on_epoch(EpochEnd(epoch, epochs, total / len(subset), model))
-            model.train()
-    return model.eval()
-
-
-@torch.no_grad()
-def predict(
-    model: Classifier,
-    data: ImageDataset,
-    rows: torch.Tensor | None = None,
-    *,
-    batch_size: int = 512,
-    device: str | torch.device = "auto",
-) -> torch.Tensor:
-    """Predicted class of each row (all rows by default), batched."""
-    dev = pick_device(device)
-    model.to(dev).eval()
-    rows = torch.arange(len(data)) if rows is None else rows
-    preds = [model(data.batch(b, dev)).argmax(1).cpu() for b in rows.split(batch_size)]
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-
-
-def accuracy(
-    model: Classifier,
-    data: ImageDataset,
-    rows: torch.Tensor | None = None,
-    *,
-    device: str | torch.device = "auto",
-) -> float:
-    """Share of ``rows`` predicted as their (given) label."""
-    rows = torch.arange(len(data)) if rows is None else rows
-    if rows.numel() == 0:
-        return float("nan")
-    return float((predict(model, data, rows, device=device) == data.labels[rows]).float().mean())
 
 
 def mnist_arrays(*, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -311,7 +193,7 @@ def build_testbed(
 
     def epoch_end(event: EpochEnd) -> None:
         path = save_model(
-            _plain(event.model, "expectation"),
+            _plain(model, "expectation"),
             root / "checkpoints" / f"epoch_{event.epoch:03d}.safetensors",
         )
         checkpoints.append(str(path))
@@ -320,7 +202,7 @@ def build_testbed(
 
     save_model(_plain(model, "expectation"), root / "checkpoints" / "epoch_000.safetensors")
     checkpoints.append(str(root / "checkpoints" / "epoch_000.safetensors"))
-    train(
+    fit(
         model,
         train_set,
         epochs=cfg.epochs,
@@ -333,7 +215,7 @@ def build_testbed(
         on_epoch=epoch_end,
         on_batch=batch_start,
     )
-    clean_rows = _complement(len(train_set), noisy_ids)
+    clean_rows = complement(len(train_set), noisy_ids)
     modes, drop_path = None, None
     if binding is not None:
         plain = _mode_models(model, train_set, device, cfg.batch_size)
@@ -398,12 +280,6 @@ def _mode_models(
     rows = torch.arange(len(train_set)).split(batch_size)
     recalibrate_norms(recalibrated, (train_set.batch(r, device) for r in rows))
     return {**modes, "drop-recalibrated": recalibrated}
-
-
-def _complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[torch.as_tensor(rows, dtype=torch.long)] = False
-    return keep.nonzero().flatten()
 
 
 def load_testbed(out: str | Path) -> TestbedResult | None:

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from memaudit.data import ImageDataset
+from memaudit.data import ImageDataset, complement, validate_rows
+from memaudit.engine import EpochEnd, evaluate, fit, pick_device
 from memaudit.errors import MemauditError
 from memaudit.models import FAMILIES, Classifier, build_model
 from memaudit.schema import UnlearnReport, UnlearnScores
 from memaudit.schema._inputs import Preflight
-from memaudit.testbed import EpochEnd, pick_device, train
 from memaudit.units import zero_unit_weights
 
 Option = float | int | str | bool
@@ -90,36 +89,6 @@ def register_method(name: str, method: UnlearnMethod) -> None:
 # --- measurement -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Outcomes:
-    """Per-example cross-entropy loss and correctness (given labels)."""
-
-    loss: torch.Tensor
-    correct: torch.Tensor
-
-
-@torch.no_grad()
-def outcomes(
-    model: Classifier,
-    data: ImageDataset,
-    rows: torch.Tensor,
-    *,
-    device: torch.device,
-    batch_size: int = 512,
-) -> Outcomes:
-    """Loss and correctness of ``model`` on ``rows`` of ``data``, batched."""
-    model.to(device).eval()
-    losses, correct = [], []
-    for batch in rows.split(batch_size):
-        logits = model(data.batch(batch, device))
-        labels = data.labels[batch].to(device)
-        losses.append(F.cross_entropy(logits, labels, reduction="none").cpu())
-        correct.append((logits.argmax(1) == labels).cpu())
-    if not losses:
-        return Outcomes(torch.empty(0), torch.empty(0, dtype=torch.bool))
-    return Outcomes(torch.cat(losses), torch.cat(correct))
-
-
 def mia_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
     """AUC of a loss-threshold membership attack: P(a member's loss < a non-member's), ties 1/2.
 
@@ -147,11 +116,11 @@ def measure(
     device: torch.device,
 ) -> UnlearnScores:
     """Flagged / retained / test accuracy and the membership AUC of flagged vs test."""
-    flag = outcomes(model, train_set, flagged, device=device)
-    kept = outcomes(model, train_set, retained, device=device)
+    flag = evaluate(model, train_set, flagged, device=device)
+    kept = evaluate(model, train_set, retained, device=device)
     test_acc, auc = None, None
     if test is not None and len(test):
-        held = outcomes(model, test, torch.arange(len(test)), device=device)
+        held = evaluate(model, test, torch.arange(len(test)), device=device)
         test_acc = float(held.correct.float().mean())
         auc = mia_auc(flag.loss, held.loss)
     return UnlearnScores(
@@ -166,10 +135,10 @@ def measure(
 
 
 def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> Classifier:
-    return train(
+    fit(
         model,
         job.train,
-        rows=rows,
+        rows,
         epochs=job.epochs,
         batch_size=job.batch_size,
         lr=job.lr,
@@ -178,6 +147,7 @@ def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> C
         on_epoch=job.on_epoch,
         **kw,
     )
+    return model.eval()
 
 
 def _example_tied_dropout(job: UnlearnJob) -> Classifier:
@@ -235,27 +205,18 @@ def _gradient_ascent(job: UnlearnJob) -> Classifier:
     testbed model collapses to chance between 8 and 12 steps at lr 0.01), so it stops as soon as
     a batch's loss passes ``stop_loss`` (default: ln K, the loss of a uniform guess).
     """
-    model = job.model.to(job.device).eval()  # eval: BN statistics stay those of all the data
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=job.lr)
-    gen = torch.Generator().manual_seed(job.seed)
-    labels = job.train.labels.to(job.device)
     stop = float(job.options.get("stop_loss", 0) or math.log(max(2, job.model.info.num_classes)))
-    for epoch in range(1, job.epochs + 1):
-        order = job.flagged[torch.randperm(len(job.flagged), generator=gen)]
-        losses = []
-        for batch in order.split(job.batch_size):
-            loss = F.cross_entropy(model(job.train.batch(batch, job.device)), labels[batch])
-            losses.append(float(loss.detach()))
-            if losses[-1] > stop:
-                break
-            opt.zero_grad(set_to_none=True)
-            (-loss).backward()
-            opt.step()
-        if job.on_epoch is not None:
-            job.on_epoch(EpochEnd(epoch, job.epochs, sum(losses) / len(losses), model))
-        if losses[-1] > stop:
-            break
-    return model.eval()
+    return _fit(
+        job,
+        job.model,
+        job.flagged,
+        momentum=0.0,
+        weight_decay=0.0,
+        schedule="constant",
+        mode="eval",  # BN statistics stay those of all the data
+        ascend=True,
+        stop_loss=stop,
+    )
 
 
 def _zero_units(job: UnlearnJob) -> Classifier:
@@ -332,15 +293,7 @@ register_method(
 
 
 def _rows(train_set: ImageDataset, flagged_rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    rows = torch.as_tensor(flagged_rows, dtype=torch.long).reshape(-1).unique()
-    if rows.numel() == 0:
-        raise MemauditError("no flagged ids to unlearn; give at least one example id")
-    bad = rows[(rows < 0) | (rows >= len(train_set))]
-    if bad.numel():
-        raise MemauditError(
-            f"flagged row {int(bad[0])} is out of range: the training data has {len(train_set)} "
-            f"examples (rows 0-{len(train_set) - 1})"
-        )
+    rows = validate_rows(train_set, flagged_rows)
     if rows.numel() == len(train_set):
         raise MemauditError("every training example is flagged; nothing would be retained")
     return rows
@@ -396,9 +349,7 @@ def unlearn(
     chosen = _method(method)
     opts = _options(chosen, options)
     rows = _rows(train_set, flagged_rows)
-    keep = torch.ones(len(train_set), dtype=torch.bool)
-    keep[rows] = False
-    retained = keep.nonzero().flatten()
+    retained = complement(len(train_set), rows)
     dev = pick_device(device)
 
     def step(stage: str, k: int, total: int, loss: float | None = None) -> None:

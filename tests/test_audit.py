@@ -16,12 +16,12 @@ from memaudit import Auditor, load_dataset, load_model
 from memaudit.audit import audit
 from memaudit.cli import main
 from memaudit.data import write_ids
+from memaudit.engine import fit
 from memaudit.errors import MemauditError
 from memaudit.models import DataRef, Preprocess, build_model, save_model
 from memaudit.render.html import read_html
 from memaudit.render.markdown import md, render_markdown
 from memaudit.schema import AuditReport, ReportError
-from memaudit.testbed import train
 
 FLAGGED = [1, 4, 7, 9]
 FAST = {"epochs": 1}
@@ -54,7 +54,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 4})
     model.info.preprocess = Preprocess(mean=(0.5,), std=(0.5,))
     train_set = load_dataset(root / "data.npz", split="train", model=model)
-    model = train(model, train_set, epochs=40, batch_size=32, device="cpu")
+    model = fit(model, train_set, epochs=40, batch_size=32, device="cpu")
     save_model(model, root / "model.safetensors", train_data=DataRef(source=str(root / "data.npz")))
     return root
 

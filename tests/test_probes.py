@@ -13,6 +13,7 @@ from torch import nn
 
 from memaudit.cli import main
 from memaudit.data import ImageDataset, load_dataset, write_ids
+from memaudit.engine import fit
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier, DataRef, ModelInfo, build_model, load_model, save_model
 from memaudit.probes import (
@@ -26,7 +27,6 @@ from memaudit.probes import (
     swapped,
 )
 from memaudit.schema import GradientsReport, RetrainReport, RewindReport
-from memaudit.testbed import train
 
 FLAGGED = [1, 4, 7]
 
@@ -58,7 +58,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.info.train_data = DataRef(source=str(root / "data.npz"))
     data = load_dataset(root / "data.npz", split="train", model=model)
     save_model(model, root / "checkpoints" / "epoch_000.safetensors")
-    train(
+    fit(
         model,
         data,
         epochs=2,
@@ -194,7 +194,7 @@ def test_cosine_and_norm_on_a_hand_made_case() -> None:
 def test_tracker_during_training_gives_one_column_per_epoch(bed: Path) -> None:
     model, data = _load(bed)
     tracker = GradientTracker(model, FLAGGED)
-    train(
+    fit(
         model,
         data,
         epochs=2,

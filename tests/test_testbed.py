@@ -10,17 +10,16 @@ import pytest
 import torch
 
 from memaudit.cli._common import load_inputs
-from memaudit.data import load_dataset, read_ids
+from memaudit.data import ImageDataset, load_dataset, read_ids
+from memaudit.engine import accuracy, evaluate, fit, pick_device, predict
 from memaudit.errors import MemauditError
-from memaudit.models import load_model
+from memaudit.models import Classifier, build_model, load_model
 from memaudit.testbed import (
     TestbedConfig,
     TestbedResult,
-    accuracy,
     build_testbed,
     label_noise,
     load_testbed,
-    pick_device,
 )
 
 
@@ -142,3 +141,80 @@ def test_default_testbed_memorizes(tmp_path: Path) -> None:
     assert summary["noisy_train_accuracy"] == result.noisy_train_accuracy
     assert result.noisy_train_accuracy >= 0.95  # the model memorized the wrong labels
     assert result.clean_train_accuracy >= 0.95 and result.test_accuracy >= 0.9
+
+
+# --- the training engine ---------------------------------------------------------------------
+
+
+def _engine_data() -> ImageDataset:
+    images = torch.randint(0, 256, (24, 1, 8, 8), dtype=torch.uint8)
+    return ImageDataset(images, torch.arange(24) % 3)
+
+
+def test_fit_calls_its_hooks_and_trains_only_the_given_parameters() -> None:
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
+    data = _engine_data()
+    head = list(model.net.get_submodule("fc").parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, losses, epochs = [], [], []
+    fit(
+        model,
+        data,
+        torch.arange(20),
+        epochs=2,
+        batch_size=8,
+        params=head,
+        on_batch=batches.append,
+        on_loss=lambda ids, loss: losses.append((ids, loss.shape)),
+        on_epoch=epochs.append,
+        device="cpu",
+    )
+    assert [len(b) for b in batches] == [8, 8, 4] * 2
+    assert all(sorted(torch.cat(batches[i : i + 3]).tolist()) == list(range(20)) for i in (0, 3))
+    assert [shape for _, shape in losses] == [torch.Size([len(b)]) for b in batches]
+    assert [e.epoch for e in epochs] == [1, 2] and all(e.loss > 0 for e in epochs)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(
+        k.startswith("net.fc.") or "running" in k or "num_batches" in k for k in changed
+    )
+    assert not model.training
+
+
+def test_fit_ascends_and_stops_at_stop_loss() -> None:
+    data = _engine_data()
+    rows = torch.arange(24)
+    plain = {"momentum": 0.0, "weight_decay": 0.0, "schedule": "constant", "mode": "eval"}
+
+    def model() -> Classifier:
+        torch.manual_seed(0)
+        return build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
+
+    start = float(evaluate(model(), data, rows, device="cpu").loss.mean())
+    ascended = fit(model(), data, rows, epochs=3, lr=0.5, ascend=True, device="cpu", **plain)
+    assert float(evaluate(ascended, data, rows, device="cpu").loss.mean()) > start
+    seen: list[int] = []
+    stop = start + 0.01
+    fit(
+        model(),
+        data,
+        rows,
+        epochs=50,
+        lr=0.5,
+        ascend=True,
+        stop_loss=stop,
+        device="cpu",
+        on_epoch=lambda e: seen.append(e.epoch),
+        **plain,
+    )
+    assert 1 <= len(seen) < 50  # stopped at the first batch whose loss passed stop_loss
+
+
+def test_evaluate_and_accuracy_agree_with_predict() -> None:
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
+    data = _engine_data()
+    rows = torch.tensor([0, 5, 7])
+    found = evaluate(model, data, rows, device="cpu")
+    pred = predict(model, data, rows, device="cpu")
+    assert torch.equal(found.correct, pred == data.labels[rows])
+    assert accuracy(model, data, rows, device="cpu") == float(found.correct.float().mean())
+    assert torch.isnan(torch.tensor(accuracy(model, data, torch.tensor([], dtype=torch.long))))

@@ -31,6 +31,7 @@ from memaudit.cli._common import (
     writable,
 )
 from memaudit.cli._testbed import progress
+from memaudit.data import complement, sample
 from memaudit.errors import MemauditError
 from memaudit.probes import (
     ProbeStep,
@@ -113,13 +114,8 @@ def _load(model: str, flagged: Path, out_path: Path, **options: Any) -> Inputs:
 
 
 def _clean_sample(n_rows: int, flagged: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    keep = torch.ones(n_rows, dtype=torch.bool)
-    keep[flagged] = False
-    clean = keep.nonzero().flatten()
-    if size is None or size >= clean.numel():
-        return clean
-    gen = torch.Generator().manual_seed(seed)
-    return clean[torch.randperm(clean.numel(), generator=gen)[:size]].sort().values
+    clean = complement(n_rows, flagged)
+    return clean if size is None else sample(clean, size, torch.Generator().manual_seed(seed))
 
 
 @contextmanager

@@ -20,9 +20,9 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import DeviceOpt, writable
+from memaudit.engine import EpochEnd
 from memaudit.errors import MemauditError, validated
 from memaudit.testbed import (
-    EpochEnd,
     TestbedConfig,
     TestbedResult,
     build_testbed,

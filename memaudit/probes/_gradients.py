@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memaudit.data import ImageDataset
+from memaudit.data import ImageDataset, validate_rows
+from memaudit.engine import EpochEnd, pick_device
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
 from memaudit.probes._layers import (
@@ -23,7 +24,6 @@ from memaudit.probes._layers import (
     ProgressHook,
     _checkpoint_list,
     _data_name,
-    _flagged,
     _net,
     _num,
     _rows,
@@ -33,7 +33,6 @@ from memaudit.probes._layers import (
     swapped,
 )
 from memaudit.schema import GradientsReport, Grouping, LayerGradients
-from memaudit.testbed import EpochEnd, pick_device
 
 GradientMode = Literal["training", "checkpoint"]
 NormStats = Literal["batch", "running"]
@@ -276,7 +275,7 @@ def gradient_accounting(
     running statistics are restored after); ``"running"`` evaluates the model in eval mode,
     which mid-training checkpoints answer with inflated losses. ``epoch`` labels the column.
     """
-    flagged = _flagged(data, flagged_rows)
+    flagged = validate_rows(data, flagged_rows)
     tracker = GradientTracker(
         model, flagged, grouping=grouping, layers=layers, mode="checkpoint", norm_stats=norm_stats
     )
@@ -312,7 +311,7 @@ def gradient_history(
     Each checkpoint's weights are loaded into ``model`` in turn; its own weights come back after.
     ``norm_stats`` as in :func:`gradient_accounting`.
     """
-    flagged = _flagged(data, flagged_rows)
+    flagged = validate_rows(data, flagged_rows)
     points = _checkpoint_list(checkpoints)
     net = _net(model)
     dev = pick_device(device)

@@ -276,21 +276,3 @@ def _data_name(data: ImageDataset) -> str:
 
 def _rows(data: ImageDataset, rows: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
     return torch.arange(len(data)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-
-
-def _flagged(data: ImageDataset, flagged_rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    rows = torch.as_tensor(flagged_rows, dtype=torch.long).reshape(-1)
-    if rows.numel() == 0:
-        raise MemauditError("no flagged examples given; pass a file of example ids with --flagged")
-    bad = rows[(rows < 0) | (rows >= len(data))]
-    if bad.numel():
-        raise MemauditError(
-            f"flagged row {int(bad[0])} is out of range: the data has {len(data)} examples"
-        )
-    return rows.unique()
-
-
-def _complement(n: int, rows: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[rows] = False
-    return keep.nonzero().flatten()

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from memaudit.data import ImageDataset
+from memaudit.data import ImageDataset, complement, validate_rows
+from memaudit.engine import fit, pick_device, predict
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
 from memaudit.probes._layers import (
@@ -21,9 +20,7 @@ from memaudit.probes._layers import (
     ProbeStep,
     ProgressHook,
     _checkpoint_list,
-    _complement,
     _data_name,
-    _flagged,
     _net,
     _source,
     find_checkpoints,
@@ -39,7 +36,6 @@ from memaudit.schema import (
     RetrainReport,
     RewindReport,
 )
-from memaudit.testbed import pick_device, predict
 
 # --- layer rewinding and retraining ----------------------------------------------------------
 
@@ -60,9 +56,9 @@ def _split(
     clean_rows: torch.Tensor | Sequence[int] | None,
     test: ImageDataset | None,
 ) -> _Split:
-    flagged = _flagged(data, flagged_rows)
+    flagged = validate_rows(data, flagged_rows)
     clean = (
-        _complement(len(data), flagged)
+        complement(len(data), flagged)
         if clean_rows is None
         else torch.as_tensor(clean_rows, dtype=torch.long)
     )
@@ -195,20 +191,20 @@ def _train_group(
 ) -> None:
     """SGD (Nesterov, one-cycle) on ``params`` only; the caller sets the modules' modes."""
     s = settings
-    steps = max(1, math.ceil(len(rows) / s.batch_size))
-    opt = torch.optim.SGD(
-        params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, nesterov=True
+    fit(
+        model,
+        data,
+        rows,
+        params=params,
+        mode="keep",
+        epochs=s.epochs,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        momentum=s.momentum,
+        weight_decay=s.weight_decay,
+        seed=s.seed,
+        device=device,
     )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=s.epochs * steps)
-    gen = torch.Generator().manual_seed(s.seed)
-    labels = data.labels.to(device)
-    for _ in range(s.epochs):
-        for batch in rows[torch.randperm(len(rows), generator=gen)].split(s.batch_size):
-            loss = F.cross_entropy(model(data.batch(batch, device)), labels[batch.to(device)])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
 
 
 @dataclass(frozen=True)
