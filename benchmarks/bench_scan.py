@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
-from memaudit.auditor import _complement, _sample
-from memaudit.data import ImageDataset
+from memaudit.data import ImageDataset, complement, sample
 from memaudit.engine import pick_device
 from memaudit.localize import greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
@@ -117,8 +116,8 @@ def main() -> None:
         settings = next(iter(variants.values()))
         # The reference and test rows Auditor.scan draws: two draws of its seeded generator.
         draw = torch.Generator().manual_seed(settings.seed)
-        ref_rows = _sample(_complement(len(train), flagged_rows), settings.reference_size, draw)
-        test_rows = _sample(torch.arange(len(test)), settings.eval_size, draw)
+        ref_rows = sample(complement(len(train), flagged_rows), settings.reference_size, draw)
+        test_rows = sample(torch.arange(len(test)), settings.eval_size, draw)
 
         sequential = functools.partial(
             _sequential,
@@ -146,8 +145,8 @@ def main() -> None:
         }
         if args.noise_floor:
             console.print(f"{name}: sequential reference on other reference rows ...")
-            other = _sample(
-                _complement(len(train), flagged_rows),
+            other = sample(
+                complement(len(train), flagged_rows),
                 settings.reference_size,
                 torch.Generator().manual_seed(settings.seed + 1),
             )

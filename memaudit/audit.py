@@ -1,8 +1,9 @@
 """One audit, one report: scan the flagged ids, unlearn them, re-scan the unlearned model.
 
 :func:`audit` is the call an MLOps pipeline makes (``memaudit audit`` on the command line,
-``Auditor.audit`` in Python). It returns an :class:`AuditResult`: the typed
-:class:`~memaudit.report.AuditReport` (scan, unlearning before/after, re-scan, gates,
+``Auditor.audit`` in Python): a model, its data, the flagged ids and an
+:class:`~memaudit.schema.AuditPlan`. It returns an :class:`AuditResult`: the typed
+:class:`~memaudit.schema.AuditReport` (scan, unlearning before/after, re-scan, gates,
 provenance) and the unlearned model.
 """
 
@@ -10,25 +11,33 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from memaudit.data import complement, sample
-from memaudit.errors import MemauditError
+from memaudit.data import ImageDataset, complement, sample
+from memaudit.engine import pick_device
+from memaudit.errors import MemauditError, validated
+from memaudit.localize import scan
 from memaudit.models import Classifier, save_model
+from memaudit.preflight import preflight as check_model
 from memaudit.provenance import digest, versions
-from memaudit.schema._audit import AuditReport, Provenance, StageTime, gates, verdict
-from memaudit.schema._scan import ScanReport, ScanSettings
-from memaudit.schema._unlearn import UnlearnReport
-
-if TYPE_CHECKING:
-    from memaudit.auditor import Auditor
+from memaudit.schema import (
+    AuditPlan,
+    AuditReport,
+    Preflight,
+    Provenance,
+    StageTime,
+    UnlearnReport,
+    gates,
+    verdict,
+)
+from memaudit.unlearn import UnlearnStep, unlearn
 
 OnStage = Callable[[str], None]
 OnProgress = Callable[[str, int, int], None]  # stage, done, total
@@ -40,6 +49,17 @@ class AuditResult:
 
     report: AuditReport
     model: Classifier | None
+
+
+@dataclass(frozen=True)
+class AuditSources:
+    """Where the audit's inputs came from, for its provenance: the command line, the weights
+    and flagged-ids files (hashed), and stages the caller timed before (e.g. loading)."""
+
+    command: str | None = None
+    weights_file: str | os.PathLike[str] | None = None
+    flagged_file: str | os.PathLike[str] | None = None
+    stages: Sequence[StageTime] = ()
 
 
 class _Clock:
@@ -60,143 +80,150 @@ class _Clock:
         self.stages.append(StageTime(stage=name, started=started, seconds=seconds))
 
 
+def audit_plan(**options: Any) -> tuple[AuditPlan, dict[str, Any]]:
+    """Split keyword options into an :class:`AuditPlan` (validated) and :func:`audit`'s own.
+
+    ``scan_settings`` is the plan's ``scan``; ``command``, ``weights_file``, ``flagged_file``
+    and ``stages`` become the ``sources``.
+    """
+    fields = set(AuditPlan.model_fields)
+    values = {k: options.pop(k) for k in list(options) if k in fields}
+    if "scan_settings" in options and options["scan_settings"] is not None:
+        values["scan"] = options.pop("scan_settings")
+    options.pop("scan_settings", None)
+    source_keys = ("command", "weights_file", "flagged_file", "stages")
+    found = {k: options.pop(k) for k in source_keys if k in options}
+    if found:
+        options["sources"] = AuditSources(**found)
+    return validated(AuditPlan, values, "audit setting"), options
+
+
 def audit(
-    auditor: Auditor,
+    model: Classifier,
+    train: ImageDataset,
     ids: Sequence[int],
     *,
-    unlearn_method: str = "example-tied-dropout",
-    no_unlearn: bool = False,
-    localized_units: int = 5,
-    compare: int = 0,
-    scan_settings: ScanSettings | None = None,
-    unlearn_options: Mapping[str, Any] | None = None,
-    max_flagged_accuracy: float | None = None,
-    max_localized_fraction: float | None = None,
+    test: ImageDataset | None = None,
+    plan: AuditPlan | None = None,
+    device: str | torch.device = "auto",
+    preflight: Preflight | None = None,
     out_model: str | os.PathLike[str] | None = None,
-    command: str | None = None,
-    weights_file: str | os.PathLike[str] | None = None,
-    flagged_file: str | os.PathLike[str] | None = None,
-    stages: Sequence[StageTime] = (),
+    sources: AuditSources | None = None,
     on_stage: OnStage | None = None,
     on_progress: OnProgress | None = None,
 ) -> AuditResult:
-    """Scan ``ids``, unlearn them with ``unlearn_method``, re-scan the unlearned model.
+    """Scan ``ids``, unlearn them as ``plan`` says, re-scan the unlearned model.
 
-    ``localized_units`` (N): an example "rests on a handful of units" when it flips with at most
-    N units. ``compare``: also scan that many random non-flagged ids as a comparison group.
-    ``unlearn_options`` go to :func:`memaudit.unlearn.unlearn` (``epochs``, ``lr``, ``seed``,
-    ``options``, ``compare_retrain``). Gates (``max_*``) are recorded in the report; a failed gate
-    is a result, not an error. ``command``, ``weights_file`` (default: the model's source when it
-    is a file), ``flagged_file`` and ``stages`` (e.g. loading, timed by the caller) go to the
-    report's provenance. The unlearned model is saved to ``out_model`` when given.
+    ``preflight``: the check of ``model`` (the :class:`~memaudit.Auditor` and the CLI run it
+    first), recorded with the scan and the unlearning; the unlearned model's own is measured
+    for the re-scan, never refused (its damage is the audit's finding). The unlearned model is
+    saved to ``out_model`` when given, with the data and preprocessing it was measured with.
 
     Example:
-        >>> auditor = Auditor(model, train, test)                          # doctest: +SKIP
-        >>> result = audit(auditor, [3, 17, 40], max_flagged_accuracy=0.1)  # doctest: +SKIP
-        >>> result.report.verdict.localized_fraction, result.report.passed  # doctest: +SKIP
+        >>> plan = AuditPlan(max_flagged_accuracy=0.1)                          # doctest: +SKIP
+        >>> result = audit(model, train, [3, 17, 40], test=test, plan=plan)    # doctest: +SKIP
+        >>> result.report.verdict.localized_fraction, result.report.passed     # doctest: +SKIP
     """
-    _check(ids, no_unlearn, localized_units, compare, max_flagged_accuracy, max_localized_fraction)
-    clock = _Clock(on_stage, stages)
-    settings = scan_settings or ScanSettings()
+    plan = plan or AuditPlan()
+    _check(ids, plan)
+    dev = pick_device(device)
+    src = sources or AuditSources()
+    clock = _Clock(on_stage, src.stages)
+    settings = plan.scan
 
     def progress(stage: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: on_progress(stage, done, total)) if on_progress else None
 
+    common: dict[str, Any] = {"test": test, "settings": settings, "device": dev}
     with clock.stage("scan"):
-        scan = auditor.scan(ids, settings=settings, on_progress=progress("scan"))
+        found = scan(model, train, ids, **common, on_progress=progress("scan"), preflight=preflight)
     comparison = None
-    if compare:
+    if plan.compare:
         with clock.stage("comparison"):
-            others = _comparison_ids(auditor, ids, compare, seed=settings.seed)
-            comparison = auditor.scan(others, settings=settings, on_progress=progress("comparison"))
+            others = _comparison_ids(train, ids, plan.compare, seed=settings.seed)
+            comparison = scan(model, train, others, **common, on_progress=progress("comparison"))
     unlearned, report, rescan = None, None, None
-    if not no_unlearn:
+    if not plan.no_unlearn:
         with clock.stage("unlearn"):
-            unlearned, report = _unlearn(auditor, ids, unlearn_method, unlearn_options, progress)
+            unlearned, report = _unlearn(model, train, ids, test, plan, dev, preflight, progress)
         if out_model is not None:
             with clock.stage("save"):
                 saved = save_model(
-                    unlearned,
-                    out_model,
-                    train_data=auditor.train.ref,
-                    preprocess=auditor.train.preprocess,
+                    unlearned, out_model, train_data=train.ref, preprocess=train.preprocess
                 )
                 report = report.model_copy(update={"out_model": str(saved)})
         with clock.stage("rescan"):
-            rescan = _rescan(auditor, unlearned, ids, scan.settings, progress("rescan"))
-    found = verdict(scan, localized_units=localized_units, unlearn=report, rescan=rescan)
-    provenance = _provenance(
-        auditor,
-        command=command,
-        weights_file=weights_file,
-        flagged_file=flagged_file,
-        out_model=out_model if unlearned is not None else None,
-        seeds={"scan": settings.seed, **({"unlearn": _seed(report)} if report else {})},
-        stages=clock.stages,
-    )
+            rows = train.rows(ids)
+            again = check_model(unlearned, train, rows, test=test, min_train_accuracy=0, device=dev)
+            rescan = scan(
+                unlearned, train, ids, **common, on_progress=progress("rescan"), preflight=again
+            )
+    headline = verdict(found, localized_units=plan.localized_units, unlearn=report, rescan=rescan)
+    seeds = {"scan": settings.seed, **({"unlearn": _seed(report)} if report else {})}
     audit_report = AuditReport(
-        verdict=found,
-        scan=scan,
+        verdict=headline,
+        scan=found,
         unlearn=report,
         rescan=rescan,
         comparison=comparison,
         gates=gates(
-            found,
-            max_flagged_accuracy=max_flagged_accuracy,
-            max_localized_fraction=max_localized_fraction,
+            headline,
+            max_flagged_accuracy=plan.max_flagged_accuracy,
+            max_localized_fraction=plan.max_localized_fraction,
         ),
-        provenance=provenance,
+        provenance=_provenance(
+            model,
+            dev,
+            src,
+            out_model=out_model if unlearned is not None else None,
+            seeds=seeds,
+            stages=clock.stages,
+        ),
     )
     return AuditResult(report=audit_report, model=unlearned)
 
 
-def _check(
-    ids: Sequence[int],
-    no_unlearn: bool,
-    localized_units: int,
-    compare: int,
-    max_flagged_accuracy: float | None,
-    max_localized_fraction: float | None,
-) -> None:
+def _check(ids: Sequence[int], plan: AuditPlan) -> None:
     if not ids:
         raise MemauditError("no flagged ids to audit; give at least one")
-    if localized_units < 1:
-        raise MemauditError(f"localized units must be at least 1, got {localized_units}")
-    if compare < 0:
-        raise MemauditError(f"the comparison group size must be >= 0, got {compare}")
+    if plan.localized_units < 1:
+        raise MemauditError(f"localized units must be at least 1, got {plan.localized_units}")
+    if plan.compare < 0:
+        raise MemauditError(f"the comparison group size must be >= 0, got {plan.compare}")
     for name, value in (
-        ("--max-flagged-accuracy", max_flagged_accuracy),
-        ("--max-localized-fraction", max_localized_fraction),
+        ("--max-flagged-accuracy", plan.max_flagged_accuracy),
+        ("--max-localized-fraction", plan.max_localized_fraction),
     ):
         if value is not None and not 0 <= value <= 1:
             raise MemauditError(f"{name} is a fraction in [0, 1], got {value}")
-    if no_unlearn and max_flagged_accuracy is not None:
+    if plan.no_unlearn and plan.max_flagged_accuracy is not None:
         raise MemauditError(
             "--max-flagged-accuracy gates the accuracy after unlearning; drop --no-unlearn or "
             "the gate"
         )
 
 
-def _comparison_ids(auditor: Auditor, ids: Sequence[int], n: int, *, seed: int) -> list[int]:
+def _comparison_ids(train: ImageDataset, ids: Sequence[int], n: int, *, seed: int) -> list[int]:
     """``n`` random ids of the training split that are not flagged (seeded)."""
-    free = complement(len(auditor.train), auditor.train.rows(ids))
+    free = complement(len(train), train.rows(ids))
     if not len(free):
         raise MemauditError("no non-flagged examples left for a comparison group; drop --compare")
     picked = sample(free, n, torch.Generator().manual_seed(seed + 1))
-    if auditor.train.ids is not None:
-        return [int(v) for v in auditor.train.ids[picked].tolist()]
+    if train.ids is not None:
+        return [int(v) for v in train.ids[picked].tolist()]
     return [int(v) for v in picked.tolist()]
 
 
 def _unlearn(
-    auditor: Auditor,
+    model: Classifier,
+    train: ImageDataset,
     ids: Sequence[int],
-    method: str,
-    options: Mapping[str, Any] | None,
+    test: ImageDataset | None,
+    plan: AuditPlan,
+    device: torch.device,
+    preflight: Preflight | None,
     progress: Callable[[str], Callable[[int, int], None] | None],
 ) -> tuple[Classifier, UnlearnReport]:
-    from memaudit.unlearn import UnlearnStep, unlearn
-
     report_to = progress("unlearn")
 
     def on_progress(step: UnlearnStep) -> None:
@@ -204,31 +231,17 @@ def _unlearn(
             report_to(step.step, step.total)
 
     result = unlearn(
-        auditor.model,
-        auditor.train,
-        auditor.train.rows(ids),
-        test=auditor.test,
-        method=method,
-        device=auditor.device,
+        model,
+        train,
+        ids,
+        test=test,
+        method=plan.unlearn_method,
+        device=device,
         on_progress=on_progress,
-        preflight=auditor.preflight(ids),
-        **dict(options or {}),
+        preflight=preflight,
+        **plan.unlearn_options,
     )
     return result.model, result.report
-
-
-def _rescan(
-    auditor: Auditor,
-    model: Classifier,
-    ids: Sequence[int],
-    settings: ScanSettings,
-    on_progress: Callable[[int, int], None] | None,
-) -> ScanReport:
-    from memaudit.auditor import Auditor
-
-    # The unlearned model is measured, never refused: its damage is the audit's finding.
-    again = Auditor(model, auditor.train, auditor.test, device=auditor.device, min_train_accuracy=0)
-    return again.scan(ids, settings=settings, on_progress=on_progress)
 
 
 def _seed(report: UnlearnReport | None) -> int:
@@ -237,24 +250,23 @@ def _seed(report: UnlearnReport | None) -> int:
 
 
 def _provenance(
-    auditor: Auditor,
+    model: Classifier,
+    device: torch.device,
+    sources: AuditSources,
     *,
-    command: str | None,
-    weights_file: str | os.PathLike[str] | None,
-    flagged_file: str | os.PathLike[str] | None,
     out_model: str | os.PathLike[str] | None,
     seeds: dict[str, int],
     stages: list[StageTime],
 ) -> Provenance:
-    source = auditor.model.info.source
+    weights_file = sources.weights_file
+    source = model.info.source
     if weights_file is None and source and Path(source).exists():
         weights_file = source
-    device = torch.device(auditor.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return Provenance(
-        command=command,
+        command=sources.command,
         weights=digest(weights_file),
-        flagged_ids=digest(flagged_file),
+        flagged_ids=digest(sources.flagged_file),
         unlearned_model=digest(out_model),
         seeds=seeds,
         versions=versions(),

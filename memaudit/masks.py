@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -16,16 +17,17 @@ from memaudit.units import Layer, UnitSpace
 class UnitMasks:
     """Multiply each unit's output by a per-example mask while the context is open.
 
-    ``mask`` is ``[B, U]`` (one row per example of the batch, one column per unit of ``space``),
-    broadcast over spatial positions or tokens. ``None`` leaves the model unchanged. Give the mask
+    A mask applies only inside ``with masks.applied(mask):``, and the previous one (none, or an
+    outer ``applied``) is back on exit, also when the body raises. ``mask`` is ``[B, U]`` (one
+    row per example of the batch, one column per unit of ``space``), broadcast over spatial
+    positions or tokens; outside ``applied`` the model runs unchanged. Give the mask
     ``requires_grad=True`` to read ``d loss / d mask`` (gradient x activation) after backward.
     Every hook this context registers is removed on exit, also when the body raises.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
         >>> space = UnitSpace(net, exclude=["2"])
-        >>> with UnitMasks(net, space) as masks:
-        ...     masks.mask = torch.ones(5, space.total)
+        >>> with UnitMasks(net, space) as masks, masks.applied(torch.ones(5, space.total)):
         ...     logits = net(torch.randn(5, 3))
         >>> logits.shape
         torch.Size([5, 2])
@@ -34,8 +36,22 @@ class UnitMasks:
     def __init__(self, model: nn.Module, space: UnitSpace) -> None:
         self.model = model
         self.space = space
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The mask in force (``None`` outside :meth:`applied`)."""
+        return self._mask
+
+    @contextmanager
+    def applied(self, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Apply ``mask`` ``[B, U]`` to the forward passes run inside the block."""
+        previous, self._mask = self._mask, mask
+        try:
+            yield mask
+        finally:
+            self._mask = previous
 
     def __enter__(self) -> UnitMasks:
         try:
@@ -62,9 +78,9 @@ class UnitMasks:
 
     def _hook(self, layer: Layer) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if self.mask is None:
+            if self._mask is None:
                 return None
-            rows = self.mask[:, layer.offset : layer.offset + layer.size]
+            rows = self._mask[:, layer.offset : layer.offset + layer.size]
             if rows.shape[0] != output.shape[0]:
                 raise ValueError(
                     f"mask has {rows.shape[0]} rows but layer {layer.name!r} saw a batch of "

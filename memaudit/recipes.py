@@ -16,11 +16,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from memaudit.auditor import Auditor
-from memaudit.data import load_dataset, read_ids
+from memaudit.audit import audit
+from memaudit.data import ImageDataset, load_dataset, read_ids
+from memaudit.engine import pick_device
 from memaudit.errors import MemauditError, validation_problem
-from memaudit.models import load_model
-from memaudit.schema import Grouping, Report, ScanSettings
+from memaudit.models import Classifier, load_model
+from memaudit.preflight import preflight
+from memaudit.schema import AuditPlan, Grouping, Report, ScanSettings
 from memaudit.testbed import TestbedConfig, TestbedResult, build_testbed, load_testbed
 
 Stage = Callable[[str], None]
@@ -123,9 +125,7 @@ def run_recipe(
 
     if recipe.audit is not None:
         stage("audit")
-        result = _audit(
-            recipe.audit, Auditor(model, train, test, device=device), noisy, root, on_progress
-        )
+        result = _audit(recipe.audit, model, train, test, noisy, root, device, on_progress)
         written["audit"] = result.to_json(root / "audit.json")
         reports.insert(0, result)
 
@@ -228,19 +228,32 @@ def _probes(
 
 
 def _audit(
-    cfg: AuditStage, auditor: Auditor, noisy: list[int], root: Path, on_progress: Progress | None
+    cfg: AuditStage,
+    model: Classifier,
+    train: ImageDataset,
+    test: ImageDataset | None,
+    noisy: list[int],
+    root: Path,
+    device: str,
+    on_progress: Progress | None,
 ) -> Report:
-    from memaudit.audit import audit
-
     ids = noisy[: cfg.noisy] if cfg.noisy else noisy
-    result = audit(
-        auditor,
-        ids,
+    plan = AuditPlan(
+        scan=cfg.scan,
         unlearn_method=cfg.unlearn or "example-tied-dropout",
         no_unlearn=cfg.unlearn is None,
         compare=cfg.clean,
-        scan_settings=cfg.scan,
         unlearn_options={"compare_retrain": cfg.compare_retrain},
+    )
+    checked = preflight(model, train, train.rows(ids), test=test, device=pick_device(device))
+    result = audit(
+        model,
+        train,
+        ids,
+        test=test,
+        plan=plan,
+        device=device,
+        preflight=checked,
         out_model=None if cfg.unlearn is None else root / "unlearned.safetensors",
         on_progress=on_progress,
     )

@@ -9,7 +9,6 @@ Methods live in a registry (:data:`METHODS`, :func:`register_method`).
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ import torch
 from memaudit.data import ImageDataset, complement, validate_rows
 from memaudit.engine import EpochEnd, evaluate, fit, pick_device
 from memaudit.errors import MemauditError
+from memaudit.localize import flip_units
 from memaudit.models import FAMILIES, Classifier, build_model
 from memaudit.schema import UnlearnReport, UnlearnScores
 from memaudit.schema._inputs import Preflight
@@ -221,9 +221,6 @@ def _gradient_ascent(job: UnlearnJob) -> Classifier:
 
 def _zero_units(job: UnlearnJob) -> Classifier:
     """Zero the units whose removal flips each flagged example (``memaudit.localize``)."""
-    flip_units = getattr(importlib.import_module("memaudit.localize"), "flip_units", None)
-    if flip_units is None:
-        raise MemauditError("zero-units needs memaudit.localize.flip_units; upgrade memaudit")
     per_row = flip_units(job.model, job.train, job.flagged, device=job.device)
     flat = sorted({int(u) for units in per_row for u in units})
     if flat:
@@ -318,7 +315,7 @@ def _options(method: UnlearnMethod, options: Mapping[str, Option] | None) -> dic
 def unlearn(
     model: Classifier,
     train_set: ImageDataset,
-    flagged_rows: Sequence[int] | torch.Tensor,
+    ids: Sequence[int],
     *,
     test: ImageDataset | None = None,
     method: str = "example-tied-dropout",
@@ -333,7 +330,7 @@ def unlearn(
     on_progress: Callable[[UnlearnStep], None] | None = None,
     preflight: Preflight | None = None,
 ) -> UnlearnResult:
-    """Remove what ``model`` memorized about ``flagged_rows`` of ``train_set``; measure it.
+    """Remove what ``model`` memorized about example ``ids`` of ``train_set``; measure it.
 
     ``model`` is left unchanged; the result holds a new plain model. ``epochs`` / ``lr`` default
     to the method's own (see :data:`METHODS`); ``options`` are method-specific (ETD: ``p_gen``,
@@ -348,7 +345,7 @@ def unlearn(
     """
     chosen = _method(method)
     opts = _options(chosen, options)
-    rows = _rows(train_set, flagged_rows)
+    rows = _rows(train_set, train_set.rows(ids))
     retained = complement(len(train_set), rows)
     dev = pick_device(device)
 

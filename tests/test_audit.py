@@ -13,7 +13,6 @@ import torch
 
 import memaudit.cli._report as report_cli
 from memaudit import Auditor, load_dataset, load_model
-from memaudit.audit import audit
 from memaudit.cli import main
 from memaudit.data import write_ids
 from memaudit.engine import fit
@@ -87,8 +86,7 @@ def _sha(path: Path) -> str:
 
 
 def test_audit_scans_unlearns_and_rescans(bed: dict[str, Path]) -> None:
-    result = audit(
-        _auditor(bed),
+    result = _auditor(bed).audit(
         FLAGGED,
         unlearn_method="finetune",
         unlearn_options=FAST,
@@ -119,15 +117,15 @@ def test_audit_scans_unlearns_and_rescans(bed: dict[str, Path]) -> None:
 
 def test_no_unlearn_and_bad_options(bed: dict[str, Path]) -> None:
     auditor = _auditor(bed)
-    result = audit(auditor, FLAGGED, no_unlearn=True, localized_units=1)
+    result = auditor.audit(FLAGGED, no_unlearn=True, localized_units=1)
     assert result.model is None and result.report.unlearn is None and result.report.rescan is None
     assert "not run" in render_markdown(result.report)
     with pytest.raises(MemauditError, match="drop --no-unlearn"):
-        audit(auditor, FLAGGED, no_unlearn=True, max_flagged_accuracy=0.1)
+        auditor.audit(FLAGGED, no_unlearn=True, max_flagged_accuracy=0.1)
     with pytest.raises(MemauditError, match=r"fraction in \[0, 1\]"):
-        audit(auditor, FLAGGED, no_unlearn=True, max_localized_fraction=5)
+        auditor.audit(FLAGGED, no_unlearn=True, max_localized_fraction=5)
     with pytest.raises(MemauditError, match="no flagged ids"):
-        audit(auditor, [], no_unlearn=True)
+        auditor.audit([], no_unlearn=True)
 
 
 def _cli(bed: dict[str, Path], *extra: str) -> int:

@@ -77,8 +77,6 @@ def ids_file(tmp_path: Path) -> Path:
 
 
 def _scan(model: Path | str, ids: Path, *extra: str) -> list[str]:
-    if ("scan",) not in COMMANDS:
-        pytest.skip("no `memaudit scan` command registered")
     return ["scan", str(model), "--flagged", str(ids), "--device", "cpu", *extra]
 
 

@@ -142,8 +142,7 @@ def _flips(model, data, row, flat):  # type: ignore[no-untyped-def]
     space = model.units()
     mask = torch.ones(1, space.total)
     mask[0, flat] = 0
-    with UnitMasks(model.net, space) as masks, torch.no_grad():
-        masks.mask = mask
+    with UnitMasks(model.net, space) as masks, torch.no_grad(), masks.applied(mask):
         return int(model(data.batch(torch.tensor([row]))).argmax(1)) != int(data.labels[row])
 
 
@@ -306,7 +305,7 @@ def test_refreshed_reference_mode(
         seen.extend(int(n) for n in (args[2] == 0).sum(1).unique())
         return exact(*args)
 
-    monkeypatch.setattr(localize, "exact_reference_grad", spy)
+    monkeypatch.setattr(localize._search, "exact_reference_grad", spy)
     batched = auditor.scan(ids, reference_mode="refreshed", shared_units=0, **options)
     single = auditor.scan(ids, reference_mode="refreshed", shared_units=0, batch_size=1, **options)
     assert _units(batched) == _units(single)
@@ -330,10 +329,10 @@ def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     with UnitMasks(classifier.net, space) as masks:
         ref_grad = exact_reference_grad(classifier, masks, mask, (ref_x, ref_y))
         ctx = ScoreContext(classifier, masks, x, y, mask, ref_grad, settings, torch.Generator())
-        scores = SCORERS["grad-x-act"](ctx)
+        scores = SCORERS["grad-x-act"](ctx).scores
         one = mask[1:2].clone().requires_grad_(True)
-        masks.mask = one.expand(1 + len(ref), -1)
-        logits = classifier(torch.cat([x[1:2], ref_x]))
+        with masks.applied(one.expand(1 + len(ref), -1)):
+            logits = classifier(torch.cat([x[1:2], ref_x]))
         objective = -F.cross_entropy(logits[:1], y[1:2]) + F.cross_entropy(logits[1:], ref_y)
         (expected,) = torch.autograd.grad(objective, one)
     torch.testing.assert_close(scores[1], expected[0], rtol=1e-4, atol=1e-6)

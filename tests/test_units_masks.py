@@ -169,8 +169,8 @@ def test_ones_mask_leaves_outputs_unchanged(
         ref = model(x)
         with UnitMasks(model.net, space) as masks:
             assert torch.equal(model(x), ref)  # no mask set: hooks pass outputs through
-            masks.mask = torch.ones(x.shape[0], space.total)
-            out = model(x)
+            with masks.applied(torch.ones(x.shape[0], space.total)):
+                out = model(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -185,8 +185,7 @@ def test_zeroing_a_unit_is_per_example_and_equals_zeroing_weights(
         for unit in _probe_units(space):
             mask = torch.ones(x.shape[0], space.total)
             mask[1, unit] = 0
-            with UnitMasks(model.net, space) as masks:
-                masks.mask = mask
+            with UnitMasks(model.net, space) as masks, masks.applied(mask):
                 out = model(x)
             edited = copy.deepcopy(model)
             zero_unit_weights(edited.net, space, [unit])
@@ -207,12 +206,12 @@ def test_batched_masks_equal_one_example_at_a_time(
     space = model.units()
     mask = (torch.rand(x.shape[0], space.total) > 0.1).float()
     with torch.no_grad(), UnitMasks(model.net, space) as masks:
-        masks.mask = mask
-        batched = model(x)
+        with masks.applied(mask):
+            batched = model(x)
         single = []
         for i in range(x.shape[0]):
-            masks.mask = mask[i : i + 1]
-            single.append(model(x[i : i + 1]))
+            with masks.applied(mask[i : i + 1]):
+                single.append(model(x[i : i + 1]))
     torch.testing.assert_close(batched, torch.cat(single), rtol=1e-4, atol=1e-5)
 
 
@@ -224,8 +223,7 @@ def test_mask_gradient_is_gradient_times_activation() -> None:
     target = torch.tensor([0, 1, 2])
 
     mask = torch.ones(3, space.total, requires_grad=True)
-    with UnitMasks(net, space) as masks:
-        masks.mask = mask
+    with UnitMasks(net, space) as masks, masks.applied(mask):
         nn.functional.cross_entropy(net(x), target, reduction="sum").backward()
     assert mask.grad is not None
 
@@ -252,8 +250,8 @@ def test_hooks_are_removed_on_exit_and_on_error(
     space = model.units()
     with UnitMasks(model.net, space) as masks:
         assert sum(_hooks(model).values()) == sum(before.values()) + len(space.layers)
-        masks.mask = torch.ones(x.shape[0], space.total)
-        model(x)
+        with masks.applied(torch.ones(x.shape[0], space.total)):
+            model(x)
     assert _hooks(model) == before
     with pytest.raises(RuntimeError, match="injected"), UnitMasks(model.net, space):
         raise RuntimeError("injected")
@@ -266,10 +264,8 @@ def test_nested_contexts_compose_and_own_their_hooks() -> None:
     model = load_model(tiny_cnn())
     space = model.units()
     x = torch.randn(2, 1, 8, 8)
-    with UnitMasks(model.net, space) as outer:
-        outer.mask = torch.ones(2, space.total)
-        with UnitMasks(model.net, space) as inner:
-            inner.mask = torch.zeros(2, space.total)
+    with UnitMasks(model.net, space) as outer, outer.applied(torch.ones(2, space.total)):
+        with UnitMasks(model.net, space) as inner, inner.applied(torch.zeros(2, space.total)):
             assert sum(_hooks(model).values()) == 2 * len(space.layers)
         assert sum(_hooks(model).values()) == len(space.layers)
         with torch.no_grad():
@@ -283,10 +279,28 @@ def test_mask_row_count_mismatch_is_an_error() -> None:
     with (
         pytest.raises(ValueError, match="one mask row per example"),
         UnitMasks(model.net, space) as masks,
+        masks.applied(torch.ones(2, space.total)),
     ):
-        masks.mask = torch.ones(2, space.total)
         model(torch.randn(3, 1, 8, 8))
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_a_mask_applies_only_inside_its_block_also_on_error() -> None:
+    model = load_model(tiny_cnn())
+    space = model.units()
+    x = torch.randn(2, 1, 8, 8)
+    zeros, ones = torch.zeros(2, space.total), torch.ones(2, space.total)
+    with torch.no_grad(), UnitMasks(model.net, space) as masks:
+        plain = model(x)
+        with masks.applied(ones):
+            with masks.applied(zeros):
+                assert masks.mask is zeros
+            assert masks.mask is ones  # the outer mask is back
+        assert masks.mask is None
+        with pytest.raises(RuntimeError, match="injected"), masks.applied(zeros):
+            raise RuntimeError("injected")
+        assert masks.mask is None
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
 
 
 def test_zero_unit_weights_zeroes_weight_and_bias() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -57,21 +56,7 @@ def data() -> tuple[ImageDataset, ImageDataset]:
     return train, test
 
 
-def _has_flip_units() -> bool:
-    try:
-        return hasattr(importlib.import_module("memaudit.localize"), "flip_units")
-    except ImportError:
-        return False
-
-
-def _method_params() -> list[object]:
-    skip = pytest.mark.skipif(
-        not _has_flip_units(), reason="zero-units needs memaudit.localize.flip_units (not yet in)"
-    )
-    return [pytest.param(m, marks=skip) if m == "zero-units" else m for m in METHODS]
-
-
-@pytest.mark.parametrize("method", _method_params())
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_returns_the_same_result(
     method: str, data: tuple[ImageDataset, ImageDataset]
 ) -> None:

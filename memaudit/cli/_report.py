@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from memaudit.audit import AuditResult, audit
+from memaudit.audit import AuditResult, audit, audit_plan
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
@@ -179,9 +179,20 @@ def audit_table(report: AuditReport) -> Table:
 
 
 def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
-    """The audit with one progress bar per stage (on stderr)."""
+    """The audit of the auditor's model and data, with one progress bar per stage (stderr)."""
+    plan, rest = audit_plan(**kw)
     with progress() as bar:
-        return audit(auditor, ids, on_progress=StageBars(bar), **kw)
+        return audit(
+            auditor.model,
+            auditor.train,
+            ids,
+            test=auditor.test,
+            plan=plan,
+            device=auditor.device,
+            preflight=auditor.preflight(ids),
+            on_progress=StageBars(bar),
+            **rest,
+        )
 
 
 @app.command("audit")

@@ -5,6 +5,7 @@ Markdown, and nothing here imports it.
 """
 
 from memaudit.schema._audit import (
+    AuditPlan,
     AuditReport,
     FileDigest,
     Gate,
@@ -47,6 +48,7 @@ from memaudit.schema._unlearn import UnlearnReport, UnlearnScores, accuracy_gap
 __all__ = [
     "KINDS",
     "Accuracies",
+    "AuditPlan",
     "AuditReport",
     "DataSummary",
     "ExampleResult",

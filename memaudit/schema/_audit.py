@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit.schema._base import Report
-from memaudit.schema._scan import ScanReport, Status
+from memaudit.schema._scan import ScanReport, ScanSettings, Status
 from memaudit.schema._unlearn import UnlearnReport
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
@@ -78,6 +78,27 @@ class Verdict(BaseModel):
     warnings: list[str] = Field(
         default_factory=list, description="what limits the audit (from the preflight check)"
     )
+
+
+class AuditPlan(BaseModel):
+    """What an audit does: its scan, its unlearning step and its gates.
+
+    ``unlearn_options`` go to :func:`memaudit.unlearn.unlearn` (``epochs``, ``lr``, ``seed``,
+    ``options``, ``compare_retrain``). ``localized_units`` (N): an example "rests on a handful
+    of units" when it flips with at most N units. ``compare``: also scan that many random
+    non-flagged ids as a comparison group. Gates (``max_*``) are recorded in the report; a
+    failed gate is a result, not an error.
+    """
+
+    model_config = _STRICT
+    scan: ScanSettings = Field(default_factory=ScanSettings)
+    unlearn_method: str = "example-tied-dropout"
+    no_unlearn: bool = False
+    unlearn_options: dict[str, Any] = Field(default_factory=dict)
+    localized_units: int = 5
+    compare: int = 0
+    max_flagged_accuracy: float | None = None
+    max_localized_fraction: float | None = None
 
 
 class AuditReport(Report):

@@ -1,0 +1,227 @@
+"""The scan: for each flagged id, the units whose zeroing flips it, and what each edit costs."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from memaudit import journal as journals
+from memaudit.data import ImageDataset, complement, sample
+from memaudit.engine import accuracy, pick_device
+from memaudit.errors import MemauditError, validated
+from memaudit.localize._scorers import SCORERS
+from memaudit.localize._search import Found, edited_accuracy, reference_gradient, search_chunk
+from memaudit.masks import UnitMasks
+from memaudit.models import Classifier
+from memaudit.schema import (
+    DataSummary,
+    ExampleResult,
+    LayerCount,
+    ModelSummary,
+    Preflight,
+    ScanReport,
+    ScanSettings,
+    Status,
+    Timing,
+    UnitRef,
+    summarize,
+)
+from memaudit.units import Unit, UnitSpace
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def scan_settings(base: ScanSettings | None = None, **overrides: Any) -> ScanSettings:
+    """``base`` (or the defaults) with ``overrides``, validated; one-line errors."""
+    values = {**(base or ScanSettings()).model_dump(), **overrides}
+    settings = validated(ScanSettings, values, "scan setting")
+    if settings.scorer not in SCORERS:
+        raise MemauditError(f"unknown scorer {settings.scorer!r}; choose from {', '.join(SCORERS)}")
+    return settings
+
+
+def scan(
+    model: Classifier,
+    train: ImageDataset,
+    ids: Sequence[int],
+    *,
+    test: ImageDataset | None = None,
+    settings: ScanSettings | None = None,
+    device: str | torch.device = "auto",
+    journal: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_progress: Progress | None = None,
+    preflight: Preflight | None = None,
+) -> ScanReport:
+    """Find, for each flagged id of ``train``, a minimal set of units whose zeroing flips it.
+
+    Reference rows (non-flagged training rows) and test rows are drawn with ``settings.seed``;
+    flagged ids are searched ``settings.batch_size`` at a time, and after each chunk the edits'
+    accuracy on the reference and test rows is measured. With ``journal``, results are appended
+    there as chunks finish, and ``resume=True`` skips the ids it already holds (same settings,
+    model and data required). ``preflight`` (the check :class:`~memaudit.Auditor` and the CLI
+    run first) is recorded in the report.
+    """
+    cfg = settings or ScanSettings()
+    if not ids:
+        raise MemauditError("no flagged ids to scan; give at least one")
+    start = time.perf_counter()
+    dev = pick_device(device)
+    rows = train.rows(ids)
+    space = model.units()
+    model = model.to(dev).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ref_rows = sample(complement(len(train), rows), cfg.reference_size, gen)
+    test_rows = sample(torch.arange(len(test)), cfg.eval_size, gen) if test else None
+    key = {
+        "settings": cfg.model_dump(mode="json"),
+        "model": model.info.source,
+        "data": train.ref.model_dump(mode="json"),
+    }
+    results: dict[int, ExampleResult] = {
+        r.id: r for r in journals.start(journal, key, resume=resume)
+    }
+    todo = [(i, int(r)) for i, r in zip(ids, rows.tolist(), strict=True) if i not in results]
+    if on_progress:
+        on_progress(len(results), len(ids))
+    with UnitMasks(model.net, space) as masks:
+        ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
+        ref_batch = None
+        if cfg.reference_mode != "shared":
+            ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
+        for chunk in [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]:
+            found = search_chunk(
+                model,
+                masks,
+                train,
+                torch.tensor([r for _, r in chunk]),
+                settings=cfg,
+                reference_grad=ref_grad,
+                reference_batch=ref_batch,
+                generator=gen,
+                device=dev,
+            )
+            sets = [f.minimal for f in found if f.status is Status.FLIPPED]
+            ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
+            test_acc = (
+                edited_accuracy(model, masks, sets, test, test_rows, device=dev)
+                if test is not None and test_rows is not None
+                else None
+            )
+            new = _results(chunk, found, space, ref_acc, test_acc)
+            journals.append(journal, new)
+            results.update((r.id, r) for r in new)
+            if on_progress:
+                on_progress(len(results), len(ids))
+    examples = [results[i] for i in ids]
+    seconds = time.perf_counter() - start
+    ref_before = accuracy(model, train, ref_rows, device=dev) if len(ref_rows) else None
+    test_before = (
+        accuracy(model, test, test_rows, device=dev)
+        if test is not None and test_rows is not None
+        else None
+    )
+    return ScanReport(
+        model=_model_summary(model, space),
+        data=_data_summary(train, test),
+        settings=cfg,
+        examples=examples,
+        summary=summarize(
+            examples,
+            [layer.name for layer in space.layers],
+            reference_accuracy_before=ref_before,
+            test_accuracy_before=test_before,
+        ),
+        timing=Timing(
+            seconds=seconds,
+            examples_per_second=len(todo) / seconds if seconds > 0 else 0.0,
+            device=str(dev),
+        ),
+        preflight=preflight,
+    )
+
+
+def flip_units(
+    model: Classifier,
+    train: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    settings: ScanSettings | None = None,
+    device: str | torch.device = "auto",
+) -> list[list[int]]:
+    """Minimal unit sets (flat indices of ``model.units()``) that flip each row; ``[]`` if none.
+
+    A convenience over :func:`scan` for methods that edit by units.
+    """
+    ids = rows.tolist() if train.ids is None else train.ids[rows].tolist()
+    report = scan(model, train, ids, settings=scan_settings(settings, eval_size=0), device=device)
+    space = model.units()
+    return [
+        [space.flat(Unit(u.layer, u.index)) for u in e.units] if e.flipped else []
+        for e in report.examples
+    ]
+
+
+def to_result(
+    found: Found, space: UnitSpace, ref_acc: float | None, test_acc: float | None, id_: int
+) -> ExampleResult:
+    """The report entry of one searched (or skipped) example."""
+    return ExampleResult(
+        id=id_,
+        label=found.label,
+        predicted_before=found.predicted_before,
+        status=found.status,
+        flipped=found.status is Status.FLIPPED,
+        n_units=len(found.greedy),
+        n_units_minimal=len(found.minimal),
+        units=[UnitRef(layer=u.layer, index=u.index) for u in space.units(found.minimal)],
+        predicted_after=found.predicted_after,
+        steps=found.steps,
+        reference_accuracy=ref_acc,
+        test_accuracy=test_acc,
+    )
+
+
+def _results(
+    chunk: list[tuple[int, int]],
+    found: list[Found],
+    space: UnitSpace,
+    ref_acc: torch.Tensor,
+    test_acc: torch.Tensor | None,
+) -> list[ExampleResult]:
+    """Report entries of one chunk; the k-th flipped example owns the k-th edit's accuracies."""
+    out, k = [], 0
+    for (id_, _), f in zip(chunk, found, strict=True):
+        accs: tuple[float | None, float | None] = (None, None)
+        if f.status is Status.FLIPPED:
+            accs = (float(ref_acc[k]), float(test_acc[k]) if test_acc is not None else None)
+            k += 1
+        out.append(to_result(f, space, *accs, id_=id_))
+    return out
+
+
+def _model_summary(model: Classifier, space: UnitSpace) -> ModelSummary:
+    info = model.info
+    return ModelSummary(
+        source=info.source,
+        arch=info.arch,
+        n_parameters=sum(p.numel() for p in model.parameters()),
+        n_units=space.total,
+        units_per_layer=[LayerCount(layer=k, count=v) for k, v in space.counts().items()],
+        class_names=info.class_names,
+    )
+
+
+def _data_summary(train: ImageDataset, test: ImageDataset | None) -> DataSummary:
+    return DataSummary(
+        source=train.ref.source,
+        split=train.ref.split,
+        n_examples=len(train),
+        n_classes=train.num_classes,
+        test_split=test.ref.split if test is not None else None,
+        n_test=len(test) if test is not None else None,
+    )

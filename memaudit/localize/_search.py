@@ -1,0 +1,299 @@
+"""The batched greedy search, its reference term, pruning, and the cost of each edit.
+
+Every function here runs inside an open :class:`~memaudit.masks.UnitMasks` and applies its
+masks with ``masks.applied``; results are flat unit indices of the model's unit space.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memaudit.data import ImageDataset
+from memaudit.localize._scorers import SCORERS, ScoreContext, rows_per_pass
+from memaudit.masks import UnitMasks
+from memaudit.models import Classifier
+from memaudit.schema import ScanSettings, Status
+
+
+@dataclass
+class Found:
+    """In-memory search result for one example (``units`` are flat indices of the space)."""
+
+    row: int
+    label: int
+    predicted_before: int
+    status: Status
+    greedy: list[int] = field(default_factory=list)
+    minimal: list[int] = field(default_factory=list)
+    predicted_after: int | None = None
+    steps: int = 0
+
+
+def reference_gradient(
+    model: Classifier,
+    masks: UnitMasks,
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``d mean CE(reference rows) / d m`` at ``m = 1`` (one mask shared by all rows): ``[U]``."""
+    shared = torch.ones(1, masks.space.total, device=device, requires_grad=True)
+    if rows.numel() == 0:
+        return torch.zeros(masks.space.total, device=device)
+    for chunk in rows.split(batch_size):
+        with masks.applied(shared.expand(len(chunk), -1)):
+            logits = model(data.batch(chunk, device)).float()
+        loss = F.cross_entropy(logits, data.labels[chunk].to(device), reduction="sum")
+        (loss / len(rows)).backward()
+    assert shared.grad is not None
+    return shared.grad[0].detach()
+
+
+def exact_reference_grad(
+    model: Classifier,
+    masks: UnitMasks,
+    mask: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """``d mean_r CE(x_r; m_i) / d m_i`` for every mask row ``m_i``: ``[A, U]``.
+
+    The authors' exact term: every distinct mask applied to every reference row (processed in
+    chunks of masks so memory stays bounded). Examples whose masks are equal share the work: at
+    the first step every mask is all ones, and examples often zero the same first units.
+    """
+    ref_x, ref_y = reference
+    distinct, inverse = torch.unique(mask.detach(), dim=0, return_inverse=True)
+    n_ref = len(ref_y)
+    per_chunk = max(1, rows_per_pass(mask.device) // max(1, n_ref))
+    grads = []
+    for rows in distinct.split(per_chunk):
+        leaf = rows.requires_grad_(True)
+        x = ref_x.repeat(len(leaf), *([1] * (ref_x.ndim - 1)))
+        with masks.applied(leaf.repeat_interleave(n_ref, 0)):
+            loss = F.cross_entropy(model(x).float(), ref_y.repeat(len(leaf)))
+        # The mean over each mask's rows, summed over masks.
+        (grad,) = torch.autograd.grad(loss * len(leaf), leaf)
+        grads.append(grad)
+    return torch.cat(grads)[inverse]
+
+
+@torch.no_grad()
+def predict_masked(
+    masks: UnitMasks, model: Classifier, x: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Predicted class of each row of ``x`` under its own mask row."""
+    with masks.applied(mask):
+        return model(x).argmax(1)
+
+
+def greedy_search(
+    model: Classifier,
+    masks: UnitMasks,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    settings: ScanSettings,
+    reference_grad: torch.Tensor,
+    generator: torch.Generator,
+    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Found]:
+    """Zero units per example until each flips or hits the budget. All of ``x`` must be correct.
+
+    ``reference_batch`` (inputs, labels) are the reference rows, needed to refresh the reference
+    term at each example's mask (``settings.reference_mode`` other than ``shared``).
+    """
+    search = functools.partial(
+        _search,
+        model,
+        masks,
+        settings=settings,
+        reference_grad=reference_grad,
+        generator=generator,
+        reference_batch=reference_batch,
+    )
+    budget = min(settings.max_units, masks.space.total)
+    mode = settings.reference_mode if reference_batch is not None else "shared"
+    if mode == "refreshed" and settings.shared_units >= budget:
+        mode = "shared"
+    if mode != "refreshed":
+        return search(x, y, budget=budget, mode=mode)
+    found = search(x, y, budget=settings.shared_units, mode="shared")
+    redo = [i for i, f in enumerate(found) if f.status is Status.BUDGET_EXHAUSTED]
+    if redo:
+        again = search(x[redo], y[redo], budget=budget, mode="refreshed")
+        for i, f in zip(redo, again, strict=True):
+            found[i] = f
+    return found
+
+
+def _search(
+    model: Classifier,
+    masks: UnitMasks,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    budget: int,
+    mode: str,
+    settings: ScanSettings,
+    reference_grad: torch.Tensor,
+    generator: torch.Generator,
+    reference_batch: tuple[torch.Tensor, torch.Tensor] | None,
+) -> list[Found]:
+    """The greedy loop, with the reference term refreshed as ``mode`` says."""
+    scorer = SCORERS[settings.scorer]
+    n_rows, total = len(y), masks.space.total
+    zeroed = torch.zeros(n_rows, total, dtype=torch.bool, device=x.device)
+    order = torch.full((n_rows, budget), -1, dtype=torch.long, device=x.device)
+    found = [Found(-1, int(y[i]), int(y[i]), Status.BUDGET_EXHAUSTED) for i in range(n_rows)]
+    active = torch.arange(n_rows, device=x.device)
+    ref_grads = reference_grad.expand(n_rows, -1).clone() if mode != "shared" else None
+    next_refresh = 0 if mode == "exact" else 1
+    n_zeroed = step = 0
+    while active.numel():
+        mask = (~zeroed[active]).float()
+        due = n_zeroed >= next_refresh and n_zeroed < budget
+        if ref_grads is not None and reference_batch is not None and due:
+            ref_grads[active] = exact_reference_grad(model, masks, mask, reference_batch)
+            next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
+        ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
+        ctx = ScoreContext(model, masks, x[active], y[active], mask, ref_grad, settings, generator)
+        # Score before checking for flips: the default scorer's forward also gives predictions.
+        scored = scorer(ctx) if n_zeroed < budget else None
+        logits = scored.logits if scored is not None else None
+        pred = logits.argmax(1) if logits is not None else predict_masked(masks, model, ctx.x, mask)
+        flipped = pred != ctx.y
+        done = flipped | (n_zeroed >= budget)
+        for i, p, f in zip(
+            active[done].tolist(), pred[done].tolist(), flipped[done].tolist(), strict=True
+        ):
+            found[i].status = Status.FLIPPED if f else Status.BUDGET_EXHAUSTED
+            found[i].predicted_after, found[i].steps = p, step
+            found[i].greedy = order[i, :n_zeroed].tolist()
+        if scored is None or bool(done.all()):
+            break
+        active, scores = active[~done], scored.scores[~done]
+        scores = scores.masked_fill(zeroed[active], float("-inf"))
+        k = min(settings.units_per_step, budget - n_zeroed)
+        top = scores.topk(k, dim=1).indices
+        zeroed[active.unsqueeze(1), top] = True
+        order[active, n_zeroed : n_zeroed + k] = top
+        n_zeroed, step = n_zeroed + k, step + 1
+    return found
+
+
+def _zeroing_masks(units: torch.Tensor, keep: torch.Tensor, total: int) -> torch.Tensor:
+    """Masks ``[E, U]`` with the units ``units[e, l]`` zeroed where ``keep[e, l]``."""
+    cols = torch.where(keep, units, total)  # a dropped or padded place zeroes a spare column
+    masks = torch.ones(len(units), total + 1, device=units.device)
+    return masks.scatter_(1, cols, 0.0)[:, :total]
+
+
+def prune(
+    model: Classifier, masks: UnitMasks, x: torch.Tensor, y: torch.Tensor, found: list[Found]
+) -> None:
+    """Drop every greedy unit the flip does not need: one removal tried per unit, in greedy
+    order, for all flipped examples at once (one forward per position)."""
+    flipped = [i for i, f in enumerate(found) if f.status is Status.FLIPPED]
+    if not flipped:
+        return
+    total, dev = masks.space.total, x.device
+    lengths = torch.tensor([len(found[i].greedy) for i in flipped], device=dev)
+    width = int(lengths.max())
+    units = torch.full((len(flipped), width), total, dtype=torch.long, device=dev)
+    for r, i in enumerate(flipped):  # Python lists to one padded tensor
+        units[r, : len(found[i].greedy)] = torch.tensor(found[i].greedy, device=dev)
+    keep = torch.arange(width, device=dev) < lengths.unsqueeze(1)
+    rows = torch.tensor(flipped, device=dev)
+    for j in range(width):
+        trial = keep[:, j] & (keep.sum(1) > 1)
+        if not bool(trial.any()):
+            continue
+        tried = trial.nonzero().flatten()
+        without = keep[tried].clone()
+        without[:, j] = False
+        pred = predict_masked(
+            masks, model, x[rows[tried]], _zeroing_masks(units[tried], without, total)
+        )
+        keep[tried, j] = pred == y[rows[tried]]  # still flipped without it: drop it
+    after = predict_masked(masks, model, x[rows], _zeroing_masks(units, keep, total))
+    for i, kept, p in zip(flipped, keep.tolist(), after.tolist(), strict=True):
+        found[i].minimal = [u for u, k in zip(found[i].greedy, kept, strict=False) if k]
+        found[i].predicted_after = p
+
+
+@torch.no_grad()
+def edited_accuracy(
+    model: Classifier,
+    masks: UnitMasks,
+    unit_sets: list[list[int]],
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    device: torch.device,
+) -> torch.Tensor:
+    """Accuracy on ``rows`` of each edited model (one unit set each), batched: ``[E]``."""
+    n_sets = len(unit_sets)
+    if n_sets == 0 or rows.numel() == 0:
+        return torch.full((n_sets,), float("nan"))
+    sizes = torch.tensor([len(u) for u in unit_sets])
+    set_masks = torch.ones(n_sets, masks.space.total, device=device)
+    which = torch.arange(n_sets).repeat_interleave(sizes).to(device)
+    flat = torch.tensor([u for s in unit_sets for u in s], dtype=torch.long).to(device)
+    set_masks[which, flat] = 0
+    correct = torch.zeros(n_sets, device=device)
+    block = max(1, rows_per_pass(device) // n_sets)
+    for chunk in rows.split(block):
+        x, y = data.batch(chunk, device), data.labels[chunk].to(device)
+        with masks.applied(set_masks.repeat_interleave(len(chunk), 0)):
+            logits = model(x.repeat(n_sets, *([1] * (x.ndim - 1))))
+        correct += (logits.argmax(1) == y.repeat(n_sets)).view(n_sets, -1).sum(1)
+    return (correct / rows.numel()).cpu()
+
+
+def search_chunk(
+    model: Classifier,
+    masks: UnitMasks,
+    data: ImageDataset,
+    rows: torch.Tensor,
+    *,
+    settings: ScanSettings,
+    reference_grad: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Found]:
+    """Search one chunk of flagged rows; misclassified rows are reported, not searched."""
+    x, y = data.batch(rows, device), data.labels[rows].to(device)
+    pred = predict_masked(masks, model, x, torch.ones(len(rows), masks.space.total, device=device))
+    ok = pred == y
+    found: list[Found] = [
+        Found(int(r), int(y[i]), int(pred[i]), Status.MISCLASSIFIED, predicted_after=int(pred[i]))
+        for i, r in enumerate(rows.tolist())
+    ]
+    if ok.any():
+        idx = ok.nonzero().flatten()
+        searched = greedy_search(
+            model,
+            masks,
+            x[idx],
+            y[idx],
+            settings=settings,
+            reference_grad=reference_grad,
+            generator=generator,
+            reference_batch=reference_batch,
+        )
+        if settings.prune:
+            prune(model, masks, x[idx], y[idx], searched)
+        else:
+            for f in searched:
+                f.minimal = list(f.greedy)
+        for i, f in zip(idx.tolist(), searched, strict=True):
+            f.row, f.predicted_before = int(rows[i]), int(pred[i])
+            found[i] = f
+    return found
