@@ -83,11 +83,16 @@ class _Clock:
 def audit_plan(**options: Any) -> tuple[AuditPlan, dict[str, Any]]:
     """Split keyword options into an :class:`AuditPlan` (validated) and :func:`audit`'s own.
 
-    ``scan_settings`` is the plan's ``scan``; ``command``, ``weights_file``, ``flagged_file``
+    ``plan`` is a base the other options override; ``scan_settings`` is the plan's ``scan``;
+    ``command``, ``weights_file``, ``flagged_file``
     and ``stages`` become the ``sources``.
     """
     fields = set(AuditPlan.model_fields)
-    values = {k: options.pop(k) for k in list(options) if k in fields}
+    base: AuditPlan | None = options.pop("plan", None)
+    values = {
+        **(base.model_dump() if base is not None else {}),
+        **{k: options.pop(k) for k in list(options) if k in fields},
+    }
     if "scan_settings" in options and options["scan_settings"] is not None:
         values["scan"] = options.pop("scan_settings")
     options.pop("scan_settings", None)
@@ -125,7 +130,9 @@ def audit(
         >>> result.report.verdict.localized_fraction, result.report.passed     # doctest: +SKIP
     """
     plan = plan or AuditPlan()
-    _check(ids, plan)
+    if not ids:
+        raise MemauditError("no flagged ids to audit; give at least one")
+    check_plan(plan)
     dev = pick_device(device)
     src = sources or AuditSources()
     clock = _Clock(on_stage, src.stages)
@@ -183,9 +190,8 @@ def audit(
     return AuditResult(report=audit_report, model=unlearned)
 
 
-def _check(ids: Sequence[int], plan: AuditPlan) -> None:
-    if not ids:
-        raise MemauditError("no flagged ids to audit; give at least one")
+def check_plan(plan: AuditPlan) -> None:
+    """One-line errors for a plan that cannot run (a gate outside [0, 1], ...)."""
     if plan.localized_units < 1:
         raise MemauditError(f"localized units must be at least 1, got {plan.localized_units}")
     if plan.compare < 0:

@@ -1,9 +1,11 @@
-"""Per-example unit masks: the only module in memaudit that registers forward hooks."""
+"""Per-example unit masks, and forward tracing: the only module in memaudit that registers
+forward hooks, each in a scoped context that removes them on exit and on error."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -91,3 +93,39 @@ class UnitMasks:
             return output * rows.reshape(shape).to(output.dtype)
 
         return hook
+
+
+@dataclass(frozen=True)
+class Call:
+    """One forward call of a traced module: its name, the module, its first input, its output."""
+
+    name: str
+    module: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+
+
+@contextmanager
+def traced(modules: Sequence[tuple[str, nn.Module]]) -> Iterator[list[Call]]:
+    """Record the tensor calls of ``modules`` (name, module) made inside the block, in order.
+
+    The recorded tensors stay alive with the list, so their storage can be compared
+    (``data_ptr``) to follow which module reads which output.
+    """
+    calls: list[Call] = []
+
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                calls.append(Call(name, module, inputs[0], output))
+
+        return hook
+
+    handles: list[RemovableHandle] = []
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(record(name)))
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -187,3 +187,29 @@ def test_demo_reuses_a_built_testbed(
     assert "flagged accuracy (example-tied-dropout)" in captured.out  # the unlearning
     page = tmp_path / "demo" / "demo-report.html"
     assert page.exists() and f"report: {page.resolve()}" in captured.out.replace("\n", "")
+
+
+def test_every_scan_setting_is_an_option_of_scan_and_audit() -> None:
+    """Options are declared once, as fields: a new setting reaches every command that takes it."""
+    from memaudit.cli._common import LoadOptions
+    from memaudit.schema import ScanSettings
+
+    def flags(path: tuple[str, ...]) -> set[str]:
+        command = typer.main.get_command(app)
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        return {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+
+    scan_flags = {"--" + f.replace("_", "-") for f in ScanSettings.model_fields}
+    load_flags = {"--" + f.replace("_", "-") for f in LoadOptions.model_fields}
+    for path in (("scan",), ("audit",)):
+        assert scan_flags | load_flags <= flags(path), path
+    for path in (("unlearn",), ("probe", "gradients"), ("probe", "rewind"), ("probe", "retrain")):
+        assert load_flags <= flags(path), path
+    assert "--no-prune" in flags(("scan",))
+
+
+def test_a_bad_generated_option_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["scan", "m.pt", "--flagged", "ids.txt", "--max-units", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-units" in err and len(err.strip().splitlines()) == 1

@@ -18,12 +18,12 @@ from memaudit.models import (
     DataRef,
     Family,
     Preprocess,
-    _shapes_from_state,
     build_model,
     load_model,
     register_family,
     save_model,
 )
+from memaudit.models._loading import _shapes_from_state
 
 TIMM_TINY = ("timm:test_resnet", "timm:test_convnext", "timm:test_vit")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.cli._common import load_inputs
+from memaudit.cli._common import LoadOptions, load_inputs
 from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.engine import accuracy, evaluate, fit, pick_device, predict
 from memaudit.errors import MemauditError
@@ -97,8 +97,7 @@ def test_tiny_testbed_reloads_with_no_flags(tiny_testbed: Path) -> None:
     inputs = load_inputs(
         str(tiny_testbed / "model.safetensors"),
         flagged=tiny_testbed / "noisy_ids.txt",
-        data=None,
-        device="cpu",
+        options=LoadOptions(device="cpu"),
     )
     assert inputs.test is not None and len(inputs.train) == 4000 and len(inputs.test) == 1000
     noisy = torch.tensor(read_ids(tiny_testbed / "noisy_ids.txt"))

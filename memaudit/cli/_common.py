@@ -11,13 +11,15 @@ from typing import Annotated
 
 import torch
 import typer
+from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit.auditor import Auditor
 from memaudit.cli._app import err
+from memaudit.cli._options import Group
 from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, load_model
-from memaudit.schema._inputs import Preflight
+from memaudit.schema import Preflight, ScanSettings
 
 ModelArg = Annotated[
     str,
@@ -31,61 +33,54 @@ FlaggedOpt = Annotated[
     Path,
     typer.Option("--flagged", help="File of flagged example ids, one per line (# comments ok)."),
 ]
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data",
-        help="Dataset (save_to_disk dir, parquet, image folder or .npz). Default: the training "
-        "data a memaudit checkpoint records.",
-    ),
-]
-ArchOpt = Annotated[
-    str | None,
-    typer.Option("--arch", help="Architecture of a bare state dict, e.g. timm:resnet18."),
-]
-SplitOpt = Annotated[str, typer.Option("--split", help="Split the flagged ids index.")]
-TestSplitOpt = Annotated[
-    str, typer.Option("--test-split", help="Held-out split, used when the data has it.")
-]
-ImageSizeOpt = Annotated[
-    int | None, typer.Option("--image-size", help="Resize images to this size (square).")
-]
-MeanOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--mean", help="Normalization mean: one value or one per channel, comma-separated."
-    ),
-]
-StdOpt = Annotated[
-    str | None,
-    typer.Option("--std", help="Normalization std: one value or one per channel, comma-separated."),
-]
-TrustPickleOpt = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        help="Allow loading a pickled model. Unpickling runs arbitrary code: only trusted files.",
-    ),
-]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
-ClassMapOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--class-map",
-        help="Model output of each data label, comma-separated in data-label order (e.g. "
+
+
+class LoadOptions(BaseModel):
+    """How a command finds and shows the model its data: the options of every command that
+    audits a model (``memaudit scan``, ``unlearn``, ``audit``, ``probe ...``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str | None = Field(
+        None,
+        description="Dataset (save_to_disk dir, parquet, image folder or .npz). Default: the "
+        "training data a memaudit checkpoint records.",
+    )
+    arch: str | None = Field(
+        None, description="Architecture of a bare state dict, e.g. timm:resnet18."
+    )
+    split: str = Field("train", description="Split the flagged ids index.")
+    test_split: str = Field("test", description="Held-out split, used when the data has it.")
+    image_size: int | None = Field(None, description="Resize images to this size (square).")
+    mean: str | None = Field(
+        None, description="Normalization mean: one value or one per channel, comma-separated."
+    )
+    std: str | None = Field(
+        None, description="Normalization std: one value or one per channel, comma-separated."
+    )
+    class_map: str | None = Field(
+        None,
+        description="Model output of each data label, comma-separated in data-label order (e.g. "
         "3,4,5: data label 0 is output 3), when the data's classes are not the model's.",
-    ),
-]
-MinTrainAccuracyOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--min-train-accuracy",
-        min=0.0,
-        max=1.0,
-        help="Refuse a model below this accuracy on its own training rows (preflight check). "
-        "Default: a quarter of the way from chance to 100%; 0 never refuses.",
-    ),
-]
+    )
+    min_train_accuracy: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Refuse a model below this accuracy on its own training rows (preflight "
+        "check). Default: a quarter of the way from chance to 100%; 0 never refuses.",
+    )
+    trust_pickle: bool = Field(
+        False,
+        description="Allow loading a pickled model. Unpickling runs arbitrary code: only trusted "
+        "files.",
+    )
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda.")
+
+
+LOADING = Group(LoadOptions, "load", "option")
+SCAN = Group(ScanSettings, "settings", "scan setting")
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
@@ -163,17 +158,7 @@ def load_inputs(
     model: str,
     *,
     flagged: Path,
-    data: str | None,
-    arch: str | None = None,
-    split: str = "train",
-    test_split: str = "test",
-    image_size: int | None = None,
-    mean: str | None = None,
-    std: str | None = None,
-    class_map: str | None = None,
-    min_train_accuracy: float | None = None,
-    trust_pickle: bool = False,
-    device: str = "auto",
+    options: LoadOptions | None = None,
     validate: Callable[[Classifier], object] | None = None,
 ) -> Inputs:
     """Read the flagged ids, load the model and its data, and run the preflight check.
@@ -183,9 +168,10 @@ def load_inputs(
     stderr how the images are shown to the model and what the preflight measured; every
     command that audits a model comes through here.
     """
+    opts = options or LoadOptions()
     ids = read_ids(flagged)
-    loaded = load_model(model, arch=arch, trust_pickle=trust_pickle)
-    source, recorded = data, None
+    loaded = load_model(model, arch=opts.arch, trust_pickle=opts.trust_pickle)
+    source, recorded = opts.data, None
     if source is None:
         recorded = loaded.info.train_data
         if recorded is None:
@@ -195,25 +181,27 @@ def load_inputs(
             raise MemauditError(
                 f"the training data {source} that {model} records is gone; pass --data DATA"
             )
-    mapping = parse_ints(class_map, "--class-map")
-    options = dict(
+    mapping = parse_ints(opts.class_map, "--class-map")
+    reading = dict(
         model=loaded,
-        image_size=image_size,
-        mean=parse_floats(mean, "--mean"),
-        std=parse_floats(std, "--std"),
+        image_size=opts.image_size,
+        mean=parse_floats(opts.mean, "--mean"),
+        std=parse_floats(opts.std, "--std"),
         image_column=recorded.image_column if recorded else None,
         label_column=recorded.label_column if recorded else None,
         class_map=mapping if mapping is not None else (recorded.class_map if recorded else None),
     )
-    train = load_dataset(source, split=split, **options)  # type: ignore[arg-type]
+    train = load_dataset(source, split=opts.split, **reading)  # type: ignore[arg-type]
     try:
-        test = load_dataset(source, split=test_split, **options)  # type: ignore[arg-type]
+        test = load_dataset(source, split=opts.test_split, **reading)  # type: ignore[arg-type]
     except MissingSplitError:
         test = None
     rows = train.rows(ids)  # out-of-range ids fail here, before any work
     if validate is not None:
         validate(loaded)
-    auditor = Auditor(loaded, train, test, device=device, min_train_accuracy=min_train_accuracy)
+    auditor = Auditor(
+        loaded, train, test, device=opts.device, min_train_accuracy=opts.min_train_accuracy
+    )
     return Inputs(auditor, ids, rows, preflight(auditor, ids))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import torch
 import typer
@@ -13,26 +13,19 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
-    ArchOpt,
-    ClassMapOpt,
-    DataOpt,
-    DeviceOpt,
+    LOADING,
     FlaggedOpt,
-    ImageSizeOpt,
     Inputs,
-    MeanOpt,
-    MinTrainAccuracyOpt,
+    LoadOptions,
     ModelArg,
-    SplitOpt,
-    StdOpt,
-    TestSplitOpt,
-    TrustPickleOpt,
     load_inputs,
     writable,
 )
+from memaudit.cli._options import with_options
 from memaudit.cli._testbed import progress
 from memaudit.data import complement, sample
 from memaudit.errors import MemauditError
+from memaudit.models import Classifier
 from memaudit.probes import (
     ProbeStep,
     find_checkpoints,
@@ -107,10 +100,16 @@ def _checkpoint_folder(model: str, given: Path | None) -> Path:
     )
 
 
-def _load(model: str, flagged: Path, out_path: Path, **options: Any) -> Inputs:
+def _load(
+    model: str,
+    flagged: Path,
+    out_path: Path,
+    load: LoadOptions,
+    validate: Callable[[Classifier], object] | None = None,
+) -> Inputs:
     """The checked inputs (see :func:`load_inputs`), once ``--out`` is known to be writable."""
     writable(out_path, "--out")
-    return load_inputs(model, flagged=flagged, **options)
+    return load_inputs(model, flagged=flagged, options=load, validate=validate)
 
 
 def _clean_sample(n_rows: int, flagged: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
@@ -225,10 +224,11 @@ def retrain_table(report: RetrainReport) -> Table:
 
 
 @probe_app.command()
+@with_options(LOADING)
 def gradients(
     model: ModelArg,
     flagged: FlaggedOpt,
-    data: DataOpt = None,
+    load: LoadOptions,
     checkpoints: Annotated[
         Path | None,
         typer.Option(
@@ -251,33 +251,13 @@ def gradients(
             "statistics as in training.",
         ),
     ] = False,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
-    trust_pickle: TrustPickleOpt = False,
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Per layer: norms of the summed flagged and clean gradients and their cosine."""
     inputs = _load(
         model,
         flagged,
         out_path,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
+        load,
         validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
     rows = inputs.rows
@@ -291,7 +271,7 @@ def gradients(
             layers=names,
             batch_size=batch_size,
             norm_stats="running" if running_stats else "batch",
-            device=device,
+            device=load.device,
         )
     else:
         folder = _checkpoint_folder(model, checkpoints)
@@ -306,17 +286,18 @@ def gradients(
                 layers=names,
                 batch_size=batch_size,
                 norm_stats="running" if running_stats else "batch",
-                device=device,
+                device=load.device,
                 on_progress=update,
             )
     out.print(gradients_table(_write(report, out_path, inputs)))
 
 
 @probe_app.command()
+@with_options(LOADING)
 def rewind(
     model: ModelArg,
     flagged: FlaggedOpt,
-    data: DataOpt = None,
+    load: LoadOptions,
     checkpoints: CheckpointsOpt = None,
     epochs: EpochsOpt = None,
     grouping: GroupingOpt = Grouping.MODULE,
@@ -327,16 +308,6 @@ def rewind(
     ),
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 512,
     seed: SeedOpt = 0,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
-    trust_pickle: TrustPickleOpt = False,
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Rewind one layer at a time to earlier epochs; flagged and clean accuracy."""
     folder = _checkpoint_folder(model, checkpoints)
@@ -345,17 +316,7 @@ def rewind(
         model,
         flagged,
         out_path,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
+        load,
         validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
     rows = inputs.rows
@@ -371,17 +332,18 @@ def rewind(
             grouping=grouping,
             layers=_names(layers),
             batch_size=batch_size,
-            device=device,
+            device=load.device,
             on_progress=update,
         )
     out.print(rewind_table(_write(report, out_path, inputs)))
 
 
 @probe_app.command()
+@with_options(LOADING)
 def retrain(
     model: ModelArg,
     flagged: FlaggedOpt,
-    data: DataOpt = None,
+    load: LoadOptions,
     checkpoints: CheckpointsOpt = None,
     rewind_epoch: Annotated[
         int, typer.Option("--rewind-to", help="Epoch whose weights a layer is rewound to.")
@@ -398,16 +360,6 @@ def retrain(
     ),
     batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 128,
     seed: SeedOpt = 0,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    device: DeviceOpt = "auto",
-    trust_pickle: TrustPickleOpt = False,
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Rewind one layer, retrain it alone on the clean rows: how much flagged accuracy returns."""
     folder = _checkpoint_folder(model, checkpoints)
@@ -416,17 +368,7 @@ def retrain(
         model,
         flagged,
         out_path,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
+        load,
         validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
     )
     rows = inputs.rows
@@ -446,7 +388,7 @@ def retrain(
             test=inputs.test,
             grouping=grouping,
             layers=_names(layers),
-            device=device,
+            device=load.device,
             on_progress=update,
         )
     out.print(retrain_table(_write(report, out_path, inputs)))

@@ -15,34 +15,27 @@ import typer
 from rich.table import Table
 
 from memaudit.audit import AuditResult, audit, audit_plan
+from memaudit.audit import check_plan as audit_check
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
-    ArchOpt,
-    ClassMapOpt,
-    DataOpt,
-    DeviceOpt,
+    LOADING,
+    SCAN,
     FlaggedOpt,
-    ImageSizeOpt,
-    MeanOpt,
-    MinTrainAccuracyOpt,
+    LoadOptions,
     ModelArg,
-    SplitOpt,
-    StdOpt,
-    TestSplitOpt,
-    TrustPickleOpt,
     load_inputs,
     writable,
 )
+from memaudit.cli._options import Group, with_options
 from memaudit.cli._testbed import StageBars, progress
 from memaudit.errors import MemauditError
 from memaudit.localize import scan_settings
 from memaudit.render.html import Page, read_html, write_html
 from memaudit.render.markdown import render_markdown
 from memaudit.render.sentences import gate_message
-from memaudit.schema import KINDS, AuditReport, Report
+from memaudit.schema import KINDS, AuditPlan, AuditReport, Report, ScanSettings
 from memaudit.schema._audit import StageTime
-from memaudit.unlearn import METHODS
 
 ARGV: list[str] = []  # the arguments main() was given, for the report's command line
 
@@ -195,109 +188,66 @@ def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
         )
 
 
+PLAN = Group(
+    AuditPlan,
+    "plan",
+    "audit setting",
+    skip=("scan", "unlearn_options"),
+    flags={"unlearn_method": "--method"},
+)
+
+
 @app.command("audit")
+@with_options(LOADING, SCAN, PLAN)
 def audit_command(
     model: ModelArg,
     flagged: FlaggedOpt,
+    load: LoadOptions,
+    settings: ScanSettings,
+    plan: AuditPlan,
     out_dir: Annotated[
         Path, typer.Option("--out-dir", help="Directory for audit.json, .html, .md and the model.")
     ],
-    data: DataOpt = None,
-    method: Annotated[
-        str, typer.Option("--method", help=f"Unlearning method: {', '.join(METHODS)}.")
-    ] = "example-tied-dropout",
-    no_unlearn: Annotated[
-        bool, typer.Option("--no-unlearn", help="Scan only: skip unlearning and the re-scan.")
-    ] = False,
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Unlearning epochs (default: the method's).")
     ] = None,
     compare_retrain: Annotated[
         bool, typer.Option("--compare-retrain", help="Also retrain without the flagged ids (slow).")
     ] = False,
-    max_flagged_accuracy: Annotated[
-        float | None,
-        typer.Option(help="Gate: fail (exit 1) if flagged accuracy after unlearning is above X."),
-    ] = None,
-    max_localized_fraction: Annotated[
-        float | None,
-        typer.Option(
-            help="Gate: fail (exit 1) if more than this share of flagged examples flip with "
-            "<= --localized-units units (before unlearning)."
-        ),
-    ] = None,
-    localized_units: Annotated[
-        int, typer.Option(help="N: an example is localized when it flips with <= N units.")
-    ] = 5,
-    compare: Annotated[
-        int, typer.Option(help="Also scan this many random non-flagged ids for comparison.")
-    ] = 0,
     images: Annotated[
         ImagesMode,
         typer.Option(
             help="Thumbnails of flagged images in the HTML (they are sensitive: none by default)."
         ),
     ] = ImagesMode.NONE,
-    max_units: Annotated[int, typer.Option(help="Scan: unit budget per example.")] = 64,
-    batch_size: Annotated[int, typer.Option(help="Scan: flagged examples searched together.")] = 64,
-    scorer: Annotated[str, typer.Option(help="Scan: unit scorer.")] = "grad-x-act",
-    seed: Annotated[int, typer.Option(help="Seed of the scan and of unlearning.")] = 0,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Scan the flagged ids, unlearn them, re-scan; write audit.json/.html/.md and the model.
 
     Exit codes: 0 passed, 1 a gate failed, 2 bad input or usage, 3 the audit itself failed.
+    The scan's --seed also seeds the unlearning.
     """
     command = command_line()
     started, start = datetime.now(timezone.utc), time.perf_counter()
     writable(out_dir, "--out-dir", folder=True)
-    settings = scan_settings(max_units=max_units, batch_size=batch_size, scorer=scorer, seed=seed)
-    inputs = load_inputs(
-        model,
-        flagged=flagged,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
-    )
-    ids, auditor = inputs.ids, inputs.auditor
-    load = StageTime(stage="load", started=started, seconds=time.perf_counter() - start)
-    options: dict[str, Any] = {"seed": seed, "compare_retrain": compare_retrain}
+    settings = scan_settings(settings)  # the scorer must be registered
+    options: dict[str, Any] = {"seed": settings.seed, "compare_retrain": compare_retrain}
     if epochs is not None:
         options["epochs"] = epochs
+    plan = plan.model_copy(update={"scan": settings, "unlearn_options": options})
+    audit_check(plan)  # bad gates fail before loading
+    inputs = load_inputs(model, flagged=flagged, options=load)
+    ids, auditor = inputs.ids, inputs.auditor
+    load_time = StageTime(stage="load", started=started, seconds=time.perf_counter() - start)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = _run_audit(
         auditor,
         ids,
-        unlearn_method=method,
-        no_unlearn=no_unlearn,
-        localized_units=localized_units,
-        compare=compare,
-        scan_settings=settings,
-        unlearn_options=options,
-        max_flagged_accuracy=max_flagged_accuracy,
-        max_localized_fraction=max_localized_fraction,
-        out_model=None if no_unlearn else out_dir / "unlearned.safetensors",
+        plan=plan,
+        out_model=None if plan.no_unlearn else out_dir / "unlearned.safetensors",
         command=command,
         weights_file=Path(model) if Path(model).exists() else None,
         flagged_file=flagged,
-        stages=[load],
+        stages=[load_time],
     )
     _write_outputs(
         result.report, out_dir, images=inputs.train if images is ImagesMode.THUMB else None

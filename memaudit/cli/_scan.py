@@ -11,25 +11,18 @@ from rich.table import Table
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
-    ArchOpt,
-    ClassMapOpt,
-    DataOpt,
-    DeviceOpt,
+    LOADING,
+    SCAN,
     FlaggedOpt,
-    ImageSizeOpt,
-    MeanOpt,
-    MinTrainAccuracyOpt,
+    LoadOptions,
     ModelArg,
-    SplitOpt,
-    StdOpt,
-    TestSplitOpt,
-    TrustPickleOpt,
     load_inputs,
     writable,
 )
+from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
-from memaudit.localize import SCORERS, scan_settings
+from memaudit.localize import scan_settings
 from memaudit.render.html import write_html
 from memaudit.schema import ScanReport, ScanSettings
 
@@ -81,78 +74,28 @@ def run_scan(
 
 
 @app.command()
+@with_options(LOADING, SCAN)
 def scan(
     model: ModelArg,
     flagged: FlaggedOpt,
-    data: DataOpt = None,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
+    load: LoadOptions,
+    settings: ScanSettings,
     out_path: Annotated[Path, typer.Option("--out", help="Where to write the JSON report.")] = Path(
         "scan.json"
     ),
-    device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Flagged examples searched together.")] = 64,
-    max_units: Annotated[int, typer.Option(help="Unit budget per example.")] = 64,
-    units_per_step: Annotated[int, typer.Option(help="Units zeroed per greedy step.")] = 1,
-    reference_size: Annotated[int, typer.Option(help="Non-flagged rows in the clean term.")] = 256,
-    eval_size: Annotated[int, typer.Option(help="Test rows for the after-edit accuracy.")] = 512,
-    reference_mode: Annotated[
-        str,
-        typer.Option(
-            help="refreshed (the reference gradient recomputed at each example's mask after 1, "
-            "2, 4, ... units, for examples that need more than 4), shared (one gradient for "
-            "all: fastest) or exact (every step, as the authors do). See memaudit.localize."
-        ),
-    ] = "refreshed",
-    scorer: Annotated[str, typer.Option(help=f"Unit scorer: {', '.join(SCORERS)}.")] = "grad-x-act",
-    noise_copies: Annotated[int, typer.Option(help="Noisy input copies to average (paper).")] = 0,
-    prune: Annotated[bool, typer.Option(help="Prune the greedy set to a minimal one.")] = True,
-    seed: Annotated[int, typer.Option(help="Seed of reference sampling, noise and scorers.")] = 0,
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted scan from its journal.")
     ] = False,
-    trust_pickle: TrustPickleOpt = False,
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Find, for each flagged example, the few units whose zeroing flips its prediction."""
     writable(out_path, "--out")
     if html is not None:
         writable(html, "--html")
-    settings = scan_settings(
-        scorer=scorer,
-        max_units=max_units,
-        units_per_step=units_per_step,
-        reference_size=reference_size,
-        batch_size=batch_size,
-        noise_copies=noise_copies,
-        prune=prune,
-        eval_size=eval_size,
-        reference_mode=reference_mode,
-        seed=seed,
-    )
-    inputs = load_inputs(
-        model,
-        flagged=flagged,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
-    )
+    settings = scan_settings(settings)  # the scorer must be registered
+    inputs = load_inputs(model, flagged=flagged, options=load)
     ids = inputs.ids
     journal = out_path.with_suffix(".journal.jsonl")
     report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)

@@ -12,22 +12,14 @@ from rich.table import Table
 
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
-    ArchOpt,
-    ClassMapOpt,
-    DataOpt,
-    DeviceOpt,
+    LOADING,
     FlaggedOpt,
-    ImageSizeOpt,
-    MeanOpt,
-    MinTrainAccuracyOpt,
+    LoadOptions,
     ModelArg,
-    SplitOpt,
-    StdOpt,
-    TestSplitOpt,
-    TrustPickleOpt,
     load_inputs,
     writable,
 )
+from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.models import save_model
@@ -86,13 +78,14 @@ def with_progress(run: Callable[[Callable[[UnlearnStep], None]], UnlearnResult])
 
 
 @app.command("unlearn")
+@with_options(LOADING)
 def unlearn_command(
     model: ModelArg,
     flagged: FlaggedOpt,
+    load: LoadOptions,
     out_model: Annotated[
         Path, typer.Option("--out-model", help="Where to save the unlearned model (.safetensors).")
     ],
-    data: DataOpt = None,
     method: Annotated[
         str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")
     ] = "example-tied-dropout",
@@ -113,37 +106,13 @@ def unlearn_command(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
     ] = None,
-    arch: ArchOpt = None,
-    split: SplitOpt = "train",
-    test_split: TestSplitOpt = "test",
-    image_size: ImageSizeOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    trust_pickle: TrustPickleOpt = False,
-    device: DeviceOpt = "auto",
-    class_map: ClassMapOpt = None,
-    min_train_accuracy: MinTrainAccuracyOpt = None,
 ) -> None:
     """Remove what MODEL memorized about the flagged ids; save a plain model and a report."""
     writable(out_model, "--out-model")
     for path, option in ((report_path, "--out"), (html, "--html")):
         if path is not None:
             writable(path, option)
-    inputs = load_inputs(
-        model,
-        flagged=flagged,
-        data=data,
-        arch=arch,
-        split=split,
-        test_split=test_split,
-        image_size=image_size,
-        mean=mean,
-        std=std,
-        class_map=class_map,
-        min_train_accuracy=min_train_accuracy,
-        trust_pickle=trust_pickle,
-        device=device,
-    )
+    inputs = load_inputs(model, flagged=flagged, options=load)
     result = with_progress(
         lambda on_progress: inputs.auditor.unlearn(
             inputs.ids,

@@ -14,7 +14,7 @@ from torch import nn
 
 from memaudit.data import ImageDataset
 from memaudit.errors import MemauditError
-from memaudit.models import Classifier
+from memaudit.models import Classifier, read_weights
 from memaudit.schema import Grouping
 
 _UNIT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -202,9 +202,7 @@ def _ranges(values: list[int]) -> str:
 
 def read_state(path: str | Path, net: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint for ``net``; a clear error if they do not fit it."""
-    from memaudit.models import _read_file
-
-    payload, _ = _read_file(Path(path), trust_pickle=False)
+    payload, _ = read_weights(Path(path), trust_pickle=False)
     if isinstance(payload, nn.Module):  # only reachable with trust_pickle
         payload = payload.state_dict()
     expected = net.state_dict()

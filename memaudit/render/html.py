@@ -16,77 +16,26 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from memaudit._version import __version__
 from memaudit.render import _plots as plots
-from memaudit.render._html_parts import dl, e, figure, kv_table, probe_section
-from memaudit.render.sentences import gate_message, unlearn_sentences, verdict_sentences
-from memaudit.schema._audit import AuditReport, Verdict, verdict
+from memaudit.render._html_parts import e
+from memaudit.render._sections import LOCALIZED_UNITS, View, body, make_view, page_title
+from memaudit.schema._audit import AuditReport
 from memaudit.schema._base import Report, ReportError
-from memaudit.schema._inputs import Preflight
 from memaudit.schema._kinds import from_dict, read_json
-from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
-from memaudit.schema._scan import ExampleResult, ScanReport, Status
-from memaudit.schema._unlearn import UnlearnReport
+from memaudit.schema._scan import ScanReport
 
-LOCALIZED_UNITS = 5  # the paper: about 5 units flip a memorized example
 CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
     "script-src 'sha256-{script}'; base-uri 'none'; form-action 'none'"
 )  # only memaudit's own script (by hash) may run: an injected inline script would not
 Images = Mapping[int, str] | Any  # id -> data: URI, or an ImageDataset to take thumbnails from
 _ASSETS = Path(__file__).parent
-
-
-@dataclass
-class _View:
-    """The reports of one page, sorted by role."""
-
-    scan: ScanReport | None = None
-    comparisons: list[ScanReport] = field(default_factory=list)
-    rescan: ScanReport | None = None
-    unlearns: list[UnlearnReport] = field(default_factory=list)
-    probes: list[Report] = field(default_factory=list)
-    audit: AuditReport | None = None
-    verdict: Verdict | None = None
-    command: str | None = None
-
-
-def _view(reports: Sequence[Report], comparison: ScanReport | None, localized: int) -> _View:
-    view = _View()
-    for report in reports:
-        if isinstance(report, AuditReport):
-            if view.audit is not None or view.scan is not None:
-                raise ReportError("one audit per page: render other reports on their own pages")
-            view.audit, view.scan, view.rescan = report, report.scan, report.rescan
-            view.unlearns += [report.unlearn] if report.unlearn else []
-            view.comparisons += [report.comparison] if report.comparison else []
-        elif isinstance(report, ScanReport):
-            if view.scan is None:
-                view.scan = report
-            else:  # later scans are comparison groups (e.g. clean examples)
-                view.comparisons.append(report)
-        elif isinstance(report, UnlearnReport):
-            view.unlearns.append(report)
-        elif isinstance(report, GradientsReport | RewindReport | RetrainReport):
-            view.probes.append(report)
-        else:
-            raise ReportError(f"no HTML view for a {report.kind!r} report")
-    if comparison is not None:
-        view.comparisons.append(comparison)
-    if view.audit is not None:
-        view.verdict = view.audit.verdict
-    elif view.scan is not None:
-        first = view.unlearns[0] if view.unlearns else None
-        view.verdict = verdict(view.scan, localized_units=localized, unlearn=first)
-    return view
-
-
-# --- public API -------------------------------------------------------------------------------
 
 
 def render_html(
@@ -111,14 +60,14 @@ def render_html(
         next((r.verdict.localized_units for r in reports if isinstance(r, AuditReport)), None)
         or LOCALIZED_UNITS
     )
-    view = _view(reports, comparison, localized)
+    view = make_view(reports, comparison, localized)
     view.command = command
     thumbs = _thumbnails(view, images)
-    body = _body(view, thumbs, title=title)
+    main = body(view, thumbs, title=title)
     data = "\n".join(_json_script(r) for r in reports)
     if comparison is not None:
         data += "\n" + _json_script(comparison)
-    heading = e(title or _title(view))
+    heading = e(title or page_title(view))
     script = _asset("report.js")
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -127,7 +76,7 @@ def render_html(
         f'<meta name="generator" content="memaudit {e(__version__)}">\n'
         '<link rel="icon" href="data:,">\n'
         f"<title>{heading}</title>\n<style>{_asset('report.css')}</style>\n</head>\n<body>\n"
-        f'<main class="memaudit">\n{body}\n</main>\n{data}\n'
+        f'<main class="memaudit">\n{main}\n</main>\n{data}\n'
         f"<script>{script}</script>\n</body>\n</html>\n"
     )
 
@@ -135,10 +84,10 @@ def render_html(
 def render_fragment(*reports: Report, localized_units: int | None = None) -> str:
     """The page body for a notebook (``_repr_html_``): scoped CSS, plots and table, no images."""
     localized = localized_units or LOCALIZED_UNITS
-    view = _view(reports, None, localized)
+    view = make_view(reports, None, localized)
     return (
         f'<div class="memaudit"><style>{_asset("report.css")}</style>'
-        f"{_body(view, {}, title=None)}<script>{_asset('report.js')}</script></div>"
+        f"{body(view, {}, title=None)}<script>{_asset('report.js')}</script></div>"
     )
 
 
@@ -229,295 +178,7 @@ def _json_script(report: Report) -> str:
     )
 
 
-def _title(view: _View) -> str:
-    if view.audit is not None:
-        return "memaudit audit report"
-    if view.scan is not None:
-        return "memaudit scan report"
-    if view.unlearns:
-        return "memaudit unlearning report"
-    return "memaudit probe report"
-
-
-def _body(view: _View, thumbs: Mapping[int, str], *, title: str | None) -> str:
-    parts = [
-        f"<h1>{e(title or _title(view))}</h1>",
-        _header(view),
-        _verdict(view),
-        _gates(view),
-        _plots_section(view),
-        _table(view, thumbs),
-        *(probe_section(p) for p in view.probes),
-        _settings(view),
-        f"<footer>memaudit {e(__version__)} · self-contained page: no network access</footer>",
-    ]
-    return "\n".join(p for p in parts if p)
-
-
-def _header(view: _View) -> str:
-    items: list[tuple[str, str]] = []
-    scan = view.scan
-    first: Report | None = view.audit or scan or (view.unlearns or view.probes or [None])[0]
-    if scan is not None:
-        m, d = scan.model, scan.data
-        items.append(
-            (
-                "Model",
-                f"{e(m.source)} <span class=muted>({e(m.arch)}, {m.n_parameters:,} "
-                f"parameters, {m.n_units:,} units)</span>",
-            )
-        )
-        test = f"; test split {e(d.test_split)} ({d.n_test:,})" if d.test_split else ""
-        items.append(
-            (
-                "Data",
-                f"{e(d.source)} <span class=muted>(split {e(d.split)}: {d.n_examples:,} "
-                f"examples, {d.n_classes} classes{test})</span>",
-            )
-        )
-        items.append(("Flagged examples", f"{scan.summary.n_flagged:,}"))
-    else:
-        other: Any = first
-        if other is not None and hasattr(other, "model"):
-            items.append(("Model", e(other.model)))
-            items.append(("Data", e(other.data)))
-            items.append(("Flagged examples", f"{other.n_flagged:,}"))
-    checked = _preflight(view)
-    if checked is not None:
-        items.append(("Inputs", e(checked.preprocessing.describe())))
-        items.append(
-            (
-                "Preflight",
-                f"{e(checked.describe())} <span class=muted>({e(checked.threshold())})</span>",
-            )
-        )
-    if first is not None:
-        items.append(("Date", e(first.created.strftime("%Y-%m-%d %H:%M:%S %Z").strip())))
-        items.append(("Tool version", f"memaudit {e(first.memaudit_version)}"))
-    command = (view.audit.provenance.command if view.audit else None) or view.command
-    items.append(
-        (
-            "Command",
-            f"<code>{e(command)}</code>"
-            if command
-            else "<span class=muted>not recorded "
-            "(made through the Python API or from report files)</span>",
-        )
-    )
-    return f'<section class="header">{dl(items)}</section>'
-
-
-def _preflight(view: _View) -> Preflight | None:
-    """The check of the audited model (before any edit): of the scan, or else of a run."""
-    runs: list[Any] = [view.scan, *view.unlearns, *view.probes]
-    return next((r.preflight for r in runs if r is not None and r.preflight is not None), None)
-
-
-def _verdict(view: _View) -> str:
-    if view.scan is None or view.verdict is None:
-        if not view.unlearns:
-            return ""
-        lines = unlearn_sentences(view.unlearns)
-    else:
-        skipped = view.audit is not None and view.audit.unlearn is None
-        lines = verdict_sentences(
-            view.scan,
-            view.verdict,
-            unlearns=view.unlearns,
-            rescan=view.rescan,
-            comparisons=view.comparisons,
-            unlearn_skipped=skipped,
-        )
-    items = "".join(f"<li>{e(line)}</li>" for line in lines)
-    return f'<section class="verdict"><h2>Verdict</h2><ul>{items}</ul></section>'
-
-
-def _gates(view: _View) -> str:
-    if view.audit is None or not view.audit.gates:
-        return ""
-    rows = "".join(
-        f'<li class="{"pass" if g.passed else "fail"}">{"PASS" if g.passed else "FAIL"}: '
-        f"{e(gate_message(g))}</li>"
-        for g in view.audit.gates
-    )
-    return f'<section class="gates"><h2>Gates</h2><ul>{rows}</ul></section>'
-
-
-def _plots_section(view: _View) -> str:
-    figures = []
-    scan = view.scan
-    if scan is not None:
-        figures += _scan_plots(view, scan)
-    if view.unlearns:
-        series: dict[str, dict[str, float | None]] = {
-            "before": view.unlearns[0].before.model_dump()
-        }
-        for u in view.unlearns:
-            series[f"after {u.method}"] = u.after.model_dump()
-        retrain = next((u.retrain for u in view.unlearns if u.retrain), None)
-        if retrain is not None:
-            series["retrain"] = retrain.model_dump()
-        figures.append(
-            figure(
-                plots.accuracy_bars(series, title="Before and after unlearning"),
-                "Accuracy on the flagged (given labels), retained and test examples, and the "
-                "membership-inference AUC of flagged vs test (0.5: indistinguishable).",
-            )
-        )
-    if not figures:
-        return ""
-    return f'<section class="plots"><h2>Plots</h2>{"".join(figures)}</section>'
-
-
-def _flipped_units(scan: ScanReport) -> list[int]:
-    return [x.n_units_minimal for x in scan.examples if x.status is Status.FLIPPED]
-
-
-def _scan_plots(view: _View, scan: ScanReport) -> list[str]:
-    groups = {"flagged": _flipped_units(scan)}
-    for i, other in enumerate(view.comparisons):
-        groups["comparison" if i == 0 else f"comparison {i + 1}"] = _flipped_units(other)
-    if view.rescan is not None and _flipped_units(view.rescan):
-        groups["after unlearning"] = _flipped_units(view.rescan)
-    figures = [
-        figure(
-            plots.units_histogram(groups, budget=scan.settings.max_units, title="Units to flip"),
-            f"How many units must be zeroed to flip each prediction (budget "
-            f"{scan.settings.max_units}); memorized examples need few.",
-        )
-    ]
-    layers = [x.layer for x in scan.model.units_per_layer]
-    per_layer = {"flagged": {x.layer: x.count for x in scan.summary.units_per_layer}}
-    for i, other in enumerate(view.comparisons):
-        name = "comparison" if i == 0 else f"comparison {i + 1}"
-        per_layer[name] = {x.layer: x.count for x in other.summary.units_per_layer}
-    figures.append(
-        figure(
-            plots.units_per_layer(layers, per_layer, title="Where the units sit"),
-            "Share of the units found in each layer, in network order (input at the top).",
-        )
-    )
-    test = scan.summary.test_accuracy_before is not None
-    cost = {"flagged": _costs(scan, test=test)}
-    for i, other in enumerate(view.comparisons):
-        cost["comparison" if i == 0 else f"comparison {i + 1}"] = _costs(other, test=test)
-    label = "test" if test else "reference"
-    figures.append(
-        figure(
-            plots.edit_cost(cost, ylabel=f"{label} accuracy drop (pts)", title="Cost of each edit"),
-            f"Accuracy points lost on the {label} examples when an example's units are zeroed.",
-        )
-    )
-    return figures
-
-
-def _costs(scan: ScanReport, *, test: bool) -> list[tuple[int, float]]:
-    s = scan.summary
-    before = s.test_accuracy_before if test else s.reference_accuracy_before
-    if before is None:
-        return []
-    points = []
-    for x in scan.examples:
-        after = x.test_accuracy if test else x.reference_accuracy
-        if x.status is Status.FLIPPED and after is not None:
-            points.append((x.n_units_minimal, (before - after) * 100))
-    return points
-
-
-# --- the table of flagged examples ------------------------------------------------------------
-
-
-def _label(index: int | None, names: Sequence[str] | None) -> str:
-    if index is None:
-        return ""
-    if names and 0 <= index < len(names) and names[index] != str(index):
-        return f"{index} · {names[index]}"
-    return str(index)
-
-
-def _cell(text: object, sort: float | int | str | None = None, cls: str = "") -> str:
-    attr = f' data-v="{e(sort)}"' if sort is not None else ""
-    klass = f' class="{cls}"' if cls else ""
-    return f"<td{attr}{klass}>{e(text)}</td>"
-
-
-def _drop(before: float | None, after: float | None) -> str:
-    return "" if before is None or after is None else f"{(before - after) * 100:.1f}"
-
-
-def _units_text(x: ExampleResult, limit: int = 6) -> str:
-    shown = ", ".join(f"{u.layer}[{u.index}]" for u in x.units[:limit])
-    return shown + (f", … (+{len(x.units) - limit})" if len(x.units) > limit else "")
-
-
-def _table(view: _View, thumbs: Mapping[int, str]) -> str:
-    scan = view.scan
-    if scan is None:
-        return ""
-    names = scan.model.class_names
-    after = {x.id: x for x in view.rescan.examples} if view.rescan else {}
-    head = [
-        "id",
-        "given label",
-        "predicted",
-        "status",
-        "units",
-        "greedy units",
-        "predicted after edit",
-        "test drop (pts)",
-        "ref. drop (pts)",
-    ]
-    if view.rescan is not None:
-        head += ["predicted after unlearning", "still localized"]
-    head.append("units found")
-    if thumbs:
-        head.insert(1, "image")
-    s = scan.summary
-    rows = []
-    for x in scan.examples:
-        cells = [
-            _cell(x.id, x.id),
-            _cell(_label(x.label, names), x.label),
-            _cell(_label(x.predicted_before, names), x.predicted_before),
-            _cell(x.status.value.replace("_", " "), cls=f"st-{x.status.value}"),
-            _cell(x.n_units_minimal if x.flipped else "", x.n_units_minimal if x.flipped else ""),
-            _cell(x.n_units if x.flipped else "", x.n_units if x.flipped else ""),
-            _cell(_label(x.predicted_after, names)),
-            _cell(d := _drop(s.test_accuracy_before, x.test_accuracy), d),
-            _cell(d := _drop(s.reference_accuracy_before, x.reference_accuracy), d),
-        ]
-        if view.rescan is not None:
-            y = after.get(x.id)
-            cells.append(_cell(_label(y.predicted_before, names) if y else ""))
-            localized = y is not None and y.flipped and y.n_units_minimal <= _cap(view)
-            cells.append(_cell("yes" if localized else "no"))
-        cells.append(_cell(_units_text(x), cls="units"))
-        if thumbs:
-            uri = thumbs.get(x.id)
-            img = (
-                f'<img class="thumb" data-id="{x.id}" alt="example {x.id}" src="{e(uri)}">'
-                if uri
-                else ""
-            )
-            cells.insert(1, f"<td>{img}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    header = "".join(f'<th scope="col" tabindex="0">{e(h)}</th>' for h in head)
-    return (
-        '<section class="examples"><h2>Flagged examples</h2>'
-        '<p class="tools"><input type="search" class="search" placeholder="Search the table…" '
-        'aria-label="Search the flagged examples" data-table="examples-table"> '
-        f'<span class="count" data-for="examples-table">{len(rows)} of {len(rows)}</span> '
-        '<span class="muted">Click a column title to sort.</span></p>'
-        '<div class="scroll"><table class="sortable" id="examples-table">'
-        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
-
-
-def _cap(view: _View) -> int:
-    return view.verdict.localized_units if view.verdict else LOCALIZED_UNITS
-
-
-def _thumbnails(view: _View, images: Images | None) -> dict[int, str]:
+def _thumbnails(view: View, images: Images | None) -> dict[int, str]:
     if images is None or view.scan is None:
         return {}
     ids = [x.id for x in view.scan.examples]
@@ -529,83 +190,3 @@ def _thumbnails(view: _View, images: Images | None) -> dict[int, str]:
 
 
 # --- settings, timings, environment -----------------------------------------------------------
-
-
-def _settings(view: _View) -> str:
-    blocks = []
-    if view.scan is not None:
-        blocks.append(("Scan settings", kv_table(view.scan.settings.model_dump(mode="json"))))
-        t = view.scan.timing
-        timing = {
-            "scan seconds": t.seconds,
-            "examples / s": t.examples_per_second,
-            "device": t.device,
-        }
-        if view.rescan is not None:
-            timing["rescan seconds"] = view.rescan.timing.seconds
-        for i, c in enumerate(view.comparisons):
-            timing[f"comparison scan {i + 1} seconds"] = c.timing.seconds
-        blocks.append(("Timing", kv_table(timing)))
-    for u in view.unlearns:
-        values = {
-            "method": u.method,
-            **u.settings,
-            "seconds": u.seconds,
-            "retrain seconds": u.retrain_seconds,
-            "flagged": u.n_flagged,
-            "retained": u.n_retained,
-            "test": u.n_test,
-            "unlearned model": u.out_model,
-        }
-        blocks.append((f"Unlearning: {u.method}", kv_table(values)))
-    if view.audit is not None:
-        p = view.audit.provenance
-        stages = {f"{s.stage} (s)": s.seconds for s in p.stages}
-        blocks.append(("Stages", kv_table(stages)))
-        files = {
-            "weights": p.weights,
-            "flagged ids": p.flagged_ids,
-            "unlearned model": p.unlearned_model,
-        }
-        blocks.append(
-            (
-                "Files (SHA-256)",
-                kv_table(
-                    {
-                        k: f"{v.path}  sha256:{v.sha256}  ({v.bytes:,} bytes)" if v else None
-                        for k, v in files.items()
-                    }
-                ),
-            )
-        )
-        blocks.append(("Seeds", kv_table(p.seeds)))
-        env = {
-            **p.versions,
-            "device": p.device,
-            "device name": p.device_name,
-            "platform": p.platform,
-        }
-        blocks.append(("Environment", kv_table(env)))
-    reports = {
-        role: f"{r.kind}, memaudit {r.memaudit_version}, schema {r.schema_version}, "
-        f"{r.created.isoformat()}"
-        for role, r in _roles(view)
-    }
-    blocks.append(("Embedded reports", kv_table(reports)))
-    inner = "".join(f"<div><h3>{e(h)}</h3>{t}</div>" for h, t in blocks)
-    return (
-        f'<section class="settings"><h2>Settings, timings, environment</h2>'
-        f'<div class="grid">{inner}</div></section>'
-    )
-
-
-def _roles(view: _View) -> list[tuple[str, Report]]:
-    found: list[tuple[str, Report | None]] = [
-        ("audit", view.audit),
-        ("scan", view.scan),
-        ("rescan (unlearned model)", view.rescan),
-        *((f"comparison scan {i + 1}", c) for i, c in enumerate(view.comparisons)),
-        *((f"unlearning: {u.method}", u) for u in view.unlearns),
-        *((f"probe: {p.kind}", p) for p in view.probes),
-    ]
-    return [(role, r) for role, r in found if r is not None]

@@ -92,13 +92,21 @@ class AuditPlan(BaseModel):
 
     model_config = _STRICT
     scan: ScanSettings = Field(default_factory=ScanSettings)
-    unlearn_method: str = "example-tied-dropout"
-    no_unlearn: bool = False
+    unlearn_method: str = Field("example-tied-dropout", description="unlearning method")
+    no_unlearn: bool = Field(False, description="scan only: skip unlearning and the re-scan")
     unlearn_options: dict[str, Any] = Field(default_factory=dict)
-    localized_units: int = 5
-    compare: int = 0
-    max_flagged_accuracy: float | None = None
-    max_localized_fraction: float | None = None
+    localized_units: int = Field(
+        5, description="N: an example is localized when it flips with <= N units"
+    )
+    compare: int = Field(0, description="also scan this many random non-flagged ids")
+    max_flagged_accuracy: float | None = Field(
+        None, description="gate: fail (exit 1) if flagged accuracy after unlearning is above X"
+    )
+    max_localized_fraction: float | None = Field(
+        None,
+        description="gate: fail (exit 1) if more than this share of flagged examples flip with "
+        "<= --localized-units units (before unlearning)",
+    )
 
 
 class AuditReport(Report):

@@ -59,11 +59,15 @@ class ScanSettings(BaseModel):
     """Every option of the search (also the resume key of a journal)."""
 
     model_config = _STRICT
-    scorer: str = "grad-x-act"
+    scorer: str = Field(
+        "grad-x-act",
+        description="unit scorer: grad-x-act (the paper's gradient x activation), "
+        "integrated-gradients (captum) or random (a baseline)",
+    )
     max_units: int = Field(64, ge=1, description="unit budget per example")
-    units_per_step: int = Field(1, ge=1)
+    units_per_step: int = Field(1, ge=1, description="units zeroed per greedy step")
     reference_size: int = Field(256, ge=0, description="non-flagged rows in the clean term")
-    reference_weight: float = Field(1.0, ge=0)
+    reference_weight: float = Field(1.0, ge=0, description="weight w of the clean term")
     reference_mode: Literal["shared", "refreshed", "exact"] = Field(
         "refreshed",
         description="shared: the reference gradient at m = 1 for all (fastest); refreshed: "
@@ -79,11 +83,11 @@ class ScanSettings(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="flagged examples searched together")
     noise_copies: int = Field(0, ge=0, description="noisy copies averaged (paper: input noise)")
-    noise_std: float = Field(0.01, ge=0)
-    prune: bool = True
+    noise_std: float = Field(0.01, ge=0, description="std of the input noise of the copies")
+    prune: bool = Field(True, description="prune the greedy set to a minimal one")
     eval_size: int = Field(512, ge=0, description="test rows for the after-edit accuracy")
     ig_steps: int = Field(8, ge=1, description="integration steps of the captum scorer")
-    seed: int = 0
+    seed: int = Field(0, description="seed of reference sampling, noise and scorers")
 
 
 class ExampleResult(BaseModel):
