@@ -13,16 +13,9 @@ import torch
 from torch import nn
 
 from memaudit.errors import MemauditError
+from memaudit.schema import Unit
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One unit: output ``index`` of the module named ``layer``."""
-
-    layer: str
-    index: int
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ def test_cli_exit_codes(
     def crash(*args: object, **kw: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(report_cli, "audit", crash)
+    monkeypatch.setattr(report_cli.Auditor, "audit", crash)
     capsys.readouterr()
     assert _cli(bed, "--no-unlearn") == 3
     err = [

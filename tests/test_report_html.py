@@ -34,7 +34,7 @@ from memaudit.schema._scan import (
     ScanSettings,
     Status,
     Timing,
-    UnitRef,
+    Unit,
     summarize,
 )
 
@@ -66,7 +66,7 @@ def synthetic_scan(
             else Status.FLIPPED
         )
         k = max(1, int(rng.expovariate(1 / units_scale)))
-        units = [UnitRef(layer=rng.choice(layers), index=rng.randrange(64)) for _ in range(k)]
+        units = [Unit(layer=rng.choice(layers), index=rng.randrange(64)) for _ in range(k)]
         flipped = status is Status.FLIPPED
         examples.append(
             ExampleResult(

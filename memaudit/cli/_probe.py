@@ -19,6 +19,7 @@ from memaudit.cli._common import (
     LoadOptions,
     ModelArg,
     load_inputs,
+    parse_ints,
     writable,
 )
 from memaudit.cli._options import with_options
@@ -75,15 +76,6 @@ CleanSampleOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of sampling and retraining.")]
 
 
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise MemauditError(f"{option} takes integers separated by commas, got {text!r}") from None
-
-
 def _names(text: str | None) -> list[str] | None:
     return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
@@ -105,10 +97,17 @@ def _load(
     flagged: Path,
     out_path: Path,
     load: LoadOptions,
-    validate: Callable[[Classifier], object] | None = None,
+    *,
+    grouping: Grouping,
+    layers: str | None,
 ) -> Inputs:
-    """The checked inputs (see :func:`load_inputs`), once ``--out`` is known to be writable."""
+    """The checked inputs (see :func:`load_inputs`), once ``--out`` is known to be writable
+    and the layer groups asked for are known to exist."""
     writable(out_path, "--out")
+
+    def validate(net: Classifier) -> object:
+        return layer_groups(net, grouping=grouping, names=_names(layers))
+
     return load_inputs(model, flagged=flagged, options=load, validate=validate)
 
 
@@ -258,7 +257,8 @@ def gradients(
         flagged,
         out_path,
         load,
-        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
+        grouping=grouping,
+        layers=layers,
     )
     rows = inputs.rows
     names = _names(layers)
@@ -275,7 +275,7 @@ def gradients(
         )
     else:
         folder = _checkpoint_folder(model, checkpoints)
-        points = find_checkpoints(folder, epochs=_int_list(epochs, "--epochs"))
+        points = find_checkpoints(folder, epochs=parse_ints(epochs, "--epochs"))
         with _bar("gradients") as update:
             report = gradient_history(
                 inputs.model,
@@ -311,13 +311,14 @@ def rewind(
 ) -> None:
     """Rewind one layer at a time to earlier epochs; flagged and clean accuracy."""
     folder = _checkpoint_folder(model, checkpoints)
-    points = find_checkpoints(folder, epochs=_int_list(epochs, "--epochs"))
+    points = find_checkpoints(folder, epochs=parse_ints(epochs, "--epochs"))
     inputs = _load(
         model,
         flagged,
         out_path,
         load,
-        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
+        grouping=grouping,
+        layers=layers,
     )
     rows = inputs.rows
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
@@ -369,7 +370,8 @@ def retrain(
         flagged,
         out_path,
         load,
-        validate=lambda net: layer_groups(net, grouping=grouping, names=_names(layers)),
+        grouping=grouping,
+        layers=layers,
     )
     rows = inputs.rows
     clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)

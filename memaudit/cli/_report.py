@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from memaudit.audit import AuditResult, audit, audit_plan
+from memaudit.audit import AuditResult
 from memaudit.audit import check_plan as audit_check
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
@@ -173,19 +173,8 @@ def audit_table(report: AuditReport) -> Table:
 
 def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
     """The audit of the auditor's model and data, with one progress bar per stage (stderr)."""
-    plan, rest = audit_plan(**kw)
     with progress() as bar:
-        return audit(
-            auditor.model,
-            auditor.train,
-            ids,
-            test=auditor.test,
-            plan=plan,
-            device=auditor.device,
-            preflight=auditor.preflight(ids),
-            on_progress=StageBars(bar),
-            **rest,
-        )
+        return auditor.audit(ids, on_progress=StageBars(bar), **kw)
 
 
 PLAN = Group(

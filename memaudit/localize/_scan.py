@@ -27,10 +27,9 @@ from memaudit.schema import (
     ScanSettings,
     Status,
     Timing,
-    UnitRef,
     summarize,
 )
-from memaudit.units import Unit, UnitSpace
+from memaudit.units import UnitSpace
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -160,10 +159,7 @@ def flip_units(
     ids = rows.tolist() if train.ids is None else train.ids[rows].tolist()
     report = scan(model, train, ids, settings=scan_settings(settings, eval_size=0), device=device)
     space = model.units()
-    return [
-        [space.flat(Unit(u.layer, u.index)) for u in e.units] if e.flipped else []
-        for e in report.examples
-    ]
+    return [[space.flat(u) for u in e.units] if e.flipped else [] for e in report.examples]
 
 
 def to_result(
@@ -178,7 +174,7 @@ def to_result(
         flipped=found.status is Status.FLIPPED,
         n_units=len(found.greedy),
         n_units_minimal=len(found.minimal),
-        units=[UnitRef(layer=u.layer, index=u.index) for u in space.units(found.minimal)],
+        units=space.units(found.minimal),
         predicted_after=found.predicted_after,
         steps=found.steps,
         reference_accuracy=ref_acc,

@@ -40,7 +40,7 @@ from memaudit.schema._scan import (
     ScanSummary,
     Status,
     Timing,
-    UnitRef,
+    Unit,
     summarize,
 )
 from memaudit.schema._unlearn import UnlearnReport, UnlearnScores, accuracy_gap
@@ -74,7 +74,7 @@ __all__ = [
     "StageTime",
     "Status",
     "Timing",
-    "UnitRef",
+    "Unit",
     "UnlearnReport",
     "UnlearnScores",
     "Verdict",

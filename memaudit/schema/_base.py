@@ -20,6 +20,17 @@ class ReportError(MemauditError):
     """A file is not a memaudit report of the expected kind, or is of a newer schema."""
 
 
+def read_raw(path: str | os.PathLike[str]) -> Any:
+    """The parsed JSON of a report file; one-line errors for a missing or non-JSON file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ReportError(f"report {str(path)!r} not found")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ReportError(f"{file} is not JSON, so not a memaudit report") from None
+
+
 class Report(BaseModel):
     """Base of every report: ``kind``, ``schema_version``, tool version, creation time."""
 
@@ -55,14 +66,7 @@ class Report(BaseModel):
     @classmethod
     def from_json(cls: type[R], path: str | os.PathLike[str]) -> R:
         """Read and validate a report; a clear error for other files or newer schemas."""
-        file = Path(path)
-        if not file.is_file():
-            raise ReportError(f"report {str(path)!r} not found")
-        try:
-            raw = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ReportError(f"{file} is not JSON, so not a memaudit report") from None
-        return cls.from_dict(raw, source=str(file))
+        return cls.from_dict(read_raw(path), source=str(path))
 
     @classmethod
     def from_dict(cls: type[R], raw: object, *, source: str = "<data>") -> R:

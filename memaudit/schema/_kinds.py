@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from memaudit.schema._audit import AuditReport
-from memaudit.schema._base import Report, ReportError
+from memaudit.schema._base import Report, ReportError, read_raw
 from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
 from memaudit.schema._scan import ScanReport
 from memaudit.schema._unlearn import UnlearnReport
@@ -42,14 +40,7 @@ def from_dict(raw: Any, *, source: str = "<data>") -> Report:
 
 def read_json(path: str | os.PathLike[str]) -> Report:
     """Read one report of any kind from a JSON file."""
-    file = Path(path)
-    if not file.is_file():
-        raise ReportError(f"report {str(path)!r} not found")
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ReportError(f"{file} is not JSON, so not a memaudit report") from None
-    return from_dict(raw, source=str(file))
+    return from_dict(read_raw(path), source=str(path))
 
 
 def schema(kind: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from enum import Enum
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from memaudit.schema._base import Report
 from memaudit.schema._inputs import Preflight
@@ -21,10 +22,11 @@ class Status(str, Enum):
     MISCLASSIFIED = "misclassified"  # already wrong before the search: not searched
 
 
-class UnitRef(BaseModel):
-    """One unit: output ``index`` of the layer named ``layer``."""
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class Unit:
+    """One unit: output ``index`` of the module named ``layer`` (a conv channel or a linear
+    feature). The one unit address of memaudit: in memory and in reports."""
 
-    model_config = _STRICT
     layer: str
     index: int
 
@@ -101,7 +103,7 @@ class ExampleResult(BaseModel):
     flipped: bool
     n_units: int = Field(description="units zeroed by the greedy search")
     n_units_minimal: int = Field(description="units left after pruning the unneeded ones")
-    units: list[UnitRef] = Field(description="the minimal set, in the order found")
+    units: list[Unit] = Field(description="the minimal set, in the order found")
     predicted_after: int | None
     steps: int
     reference_accuracy: float | None = Field(description="accuracy on the reference set, edited")
