@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit._version import __version__
-from memaudit.data import ImageDataset, complement, load_dataset, write_ids
+from memaudit.data import ImageDataset, complement, load_dataset, sample, write_ids
 from memaudit.engine import BatchHook, EpochEnd, accuracy, fit, pick_device
 from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
 
@@ -86,6 +86,39 @@ class TestbedResult(BaseModel):
     drop_model: str | None = Field(
         None, description="the drop-mode model, BatchNorm recalibrated (plain checkpoint)"
     )
+    forget_sets: dict[str, str] = Field(
+        default_factory=dict, description="forget-id files by kind (see FORGET_KINDS)"
+    )
+
+
+FORGET_KINDS = {
+    "mislabeled": "every training row whose label was corrupted",
+    "mislabeled-part": "a quarter of the corrupted rows",
+    "random-1": "1% of the training rows, correctly labelled (a deletion request)",
+    "random-10": "10% of the training rows, correctly labelled",
+    "class": "90% of the correctly labelled rows of one class",
+}
+
+
+def forget_sets(
+    labels: torch.Tensor, noisy_ids: torch.Tensor, *, seed: int
+) -> dict[str, torch.Tensor]:
+    """Forget sets of every kind in :data:`FORGET_KINDS` (sorted rows), drawn with ``seed``."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    clean = complement(len(labels), noisy_ids)
+
+    def some(rows: torch.Tensor, share: float) -> torch.Tensor:
+        return sample(rows, max(1, round(share * len(rows))), gen)
+
+    target = int(torch.randint(int(labels.max()) + 1, (1,), generator=gen))
+    of_class = clean[labels[clean] == target]
+    return {
+        "mislabeled": noisy_ids.sort().values,
+        "mislabeled-part": some(noisy_ids.sort().values, 0.25),
+        "random-1": sample(clean, max(1, round(0.01 * len(labels))), gen),
+        "random-10": sample(clean, max(1, round(0.1 * len(labels))), gen),
+        "class": some(of_class, 0.9),
+    }
 
 
 def label_noise(
@@ -170,6 +203,16 @@ def build_testbed(
         noisy_ids.tolist(),
         comment=f"training rows of {data_path.name} whose labels were corrupted (seed {cfg.seed})",
     )
+    forget_files = {
+        kind: str(
+            write_ids(
+                root / f"forget_{kind}.txt",
+                rows.tolist(),
+                comment=f"forget set '{kind}': {FORGET_KINDS[kind]} (seed {cfg.seed})",
+            )
+        )
+        for kind, rows in forget_sets(noisy, noisy_ids, seed=cfg.seed).items()
+    }
 
     mean, std = (MNIST_MEAN, MNIST_STD) if cfg.data == "mnist" else ((0.5,), (0.5,))
     size = cfg.image_size or int(arrays["train_images"].shape[-1])
@@ -237,6 +280,7 @@ def build_testbed(
         model=str(model_path),
         data=str(data_path),
         noisy_ids=str(ids_path),
+        forget_sets=forget_files,
         checkpoints=checkpoints,
         n_train=len(train_set),
         n_test=len(test_set),

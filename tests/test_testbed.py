@@ -15,9 +15,11 @@ from memaudit.engine import accuracy, evaluate, fit, pick_device, predict
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier, build_model, load_model
 from memaudit.testbed import (
+    FORGET_KINDS,
     TestbedConfig,
     TestbedResult,
     build_testbed,
+    forget_sets,
     label_noise,
     load_testbed,
 )
@@ -217,3 +219,30 @@ def test_evaluate_and_accuracy_agree_with_predict() -> None:
     assert torch.equal(found.correct, pred == data.labels[rows])
     assert accuracy(model, data, rows, device="cpu") == float(found.correct.float().mean())
     assert torch.isnan(torch.tensor(accuracy(model, data, torch.tensor([], dtype=torch.long))))
+
+
+def test_forget_sets_of_every_kind() -> None:
+    labels = torch.arange(1000) % 10
+    noisy = torch.arange(0, 1000, 10)  # 100 rows
+    sets = forget_sets(labels, noisy, seed=0)
+    assert set(sets) == set(FORGET_KINDS)
+    assert torch.equal(sets["mislabeled"], noisy)
+    assert len(sets["mislabeled-part"]) == 25 and set(sets["mislabeled-part"].tolist()) <= set(
+        noisy.tolist()
+    )
+    for kind, size in (("random-1", 10), ("random-10", 100)):
+        rows = sets[kind]
+        assert len(rows) == size and not set(rows.tolist()) & set(noisy.tolist()), kind
+    of_class = sets["class"]
+    (target,) = set(labels[of_class].tolist())  # one class
+    clean_of_class = [r for r in range(1000) if labels[r] == target and r % 10]
+    assert len(of_class) == round(0.9 * len(clean_of_class))
+    assert not set(of_class.tolist()) & set(noisy.tolist())
+    assert all(torch.equal(sets[k], forget_sets(labels, noisy, seed=0)[k]) for k in sets)
+
+
+def test_tiny_testbed_writes_its_forget_sets(tiny_testbed: Path) -> None:
+    result = load_testbed(tiny_testbed)
+    assert result is not None and set(result.forget_sets) == set(FORGET_KINDS)
+    for path in result.forget_sets.values():
+        assert read_ids(path)

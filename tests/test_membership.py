@@ -1,0 +1,113 @@
+"""The membership test: known answers on synthetic scores, honest intervals, real models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from memaudit.data import ImageDataset
+from memaudit.engine import fit
+from memaudit.errors import MemauditError
+from memaudit.membership import attack, evaluate, lira_scores, margins, roc_auc, tpr_at
+from memaudit.models import build_model
+
+
+def _phi(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def _normal_quantile(p: float) -> float:
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _phi(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_auc_and_tpr_match_two_gaussians() -> None:
+    """Positives N(d, 1) against negatives N(0, 1): AUC = Phi(d / sqrt 2) and
+    TPR at FPR a = 1 - Phi(z_{1-a} - d)."""
+    gen = torch.Generator().manual_seed(0)
+    d = 2.0
+    pos = torch.randn(200_000, generator=gen, dtype=torch.float64) + d
+    neg = torch.randn(200_000, generator=gen, dtype=torch.float64)
+    assert roc_auc(pos, neg) == pytest.approx(_phi(d / math.sqrt(2)), abs=3e-3)
+    for fpr in (0.01, 0.001):
+        expected = 1 - _phi(_normal_quantile(1 - fpr) - d)
+        assert tpr_at(pos, neg, fpr) == pytest.approx(expected, abs=0.01)
+    assert roc_auc(neg, neg.clone()) == pytest.approx(0.5)
+
+
+def test_bootstrap_intervals_cover_the_truth() -> None:
+    d, n, fpr, truth_auc = 1.5, 400, 0.01, _phi(1.5 / math.sqrt(2))
+    truth_tpr = 1 - _phi(_normal_quantile(1 - fpr) - d)
+    covered_auc = covered_tpr = 0
+    runs = 40
+    for seed in range(runs):
+        gen = torch.Generator().manual_seed(seed)
+        pos = torch.randn(n, generator=gen, dtype=torch.float64) + d
+        neg = torch.randn(3, n, generator=gen, dtype=torch.float64)
+        auc, tpr = evaluate(pos, neg, fprs=(fpr,), rounds=200, seed=seed)
+        covered_auc += auc.low <= truth_auc <= auc.high
+        covered_tpr += tpr[fpr].low <= truth_tpr <= tpr[fpr].high
+    assert covered_auc / runs >= 0.85 and covered_tpr / runs >= 0.8
+
+
+def test_lira_scores_use_each_ids_own_reference_mean() -> None:
+    refs = torch.tensor([[0.0, 10.0, -5.0], [2.0, 12.0, -3.0]])  # ids differ in difficulty
+    target = refs.mean(0) + 1.0  # one unit above every id's own mean
+    scores = lira_scores(target, refs)
+    assert torch.allclose(scores, scores[0].expand(3))  # difficulty cancels: like with like
+    assert float(scores[0]) > 0
+
+
+def _random_label_data(n: int, seed: int) -> ImageDataset:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=gen, dtype=torch.uint8)
+    return ImageDataset(images, torch.randint(0, 3, (n,), generator=gen))
+
+
+def _trained(data: ImageDataset, rows: torch.Tensor, seed: int) -> object:
+    torch.manual_seed(seed)
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 4})
+    return fit(model, data, rows, epochs=30, batch_size=16, lr=0.05, seed=seed, device="cpu")
+
+
+def test_the_attack_finds_memorized_ids_and_not_unseen_ones() -> None:
+    """Random labels can only be memorized: a model trained on the flagged ids must be found,
+    one that never saw them must not."""
+    data = _random_label_data(96, seed=0)
+    flagged = torch.arange(32)
+    rest = torch.arange(32, 96)
+    member = _trained(data, torch.arange(96), seed=1)
+    refs = [_trained(data, rest, seed=s) for s in (2, 3, 4)]
+    outsider = _trained(data, rest, seed=5)
+    found = attack(
+        {"member": member, "outsider": outsider},  # type: ignore[dict-item]
+        refs,  # type: ignore[arg-type]
+        data,
+        flagged,
+    )
+    assert found["member"].auc.value > 0.85 and found["member"].auc.low > 0.75
+    assert found["outsider"].auc.value < 0.7
+    assert math.isnan(found["member"].tpr[0.01].value)  # 96 negatives cannot resolve 1% FPR
+    assert found["member"].scores.shape == (32,)
+    again = attack({"ref": refs[0]}, refs, data, flagged)  # type: ignore[arg-type, dict-item]
+    assert again["ref"].auc.value < 0.75  # a reference scored as a target: never its own yardstick
+    with pytest.raises(MemauditError, match="at least two reference"):
+        attack({"member": member}, refs[:1], data, flagged)  # type: ignore[arg-type, dict-item]
+
+
+def test_margins_are_the_given_label_over_the_best_other() -> None:
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
+    data = _random_label_data(5, seed=1)
+    rows = torch.arange(5)
+    found = margins(model, data, rows, device="cpu")
+    with torch.no_grad():
+        logits = model.eval()(data.batch(rows))
+    top2 = logits.topk(2, dim=1).values
+    given = logits[rows, data.labels]
+    best_other = torch.where(given == top2[:, 0], top2[:, 1], top2[:, 0])
+    torch.testing.assert_close(found, given - best_other)
