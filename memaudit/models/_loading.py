@@ -303,6 +303,10 @@ def save_model(
     ``torch.load(weights_only=True)``.
     """
     out = Path(path)
+    if train_data is not None and Path(train_data.source).exists():  # reloads from any folder
+        train_data = train_data.model_copy(
+            update={"source": str(Path(train_data.source).resolve())}
+        )
     update = {"train_data": train_data, "preprocess": preprocess}
     info = model.info.model_copy(update={k: v for k, v in update.items() if v is not None})
     if info.arch.split(":")[0] not in FAMILIES:
