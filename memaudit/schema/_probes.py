@@ -34,6 +34,20 @@ class Accuracies(_Row):
     test: float | None = None
 
 
+class ProbeReport(Report):
+    """What every probe report holds: the model and data, the layer grouping, the flagged and
+    other rows measured, and the preflight check of the model."""
+
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    schema_version: int = 2
+    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
+    model: str
+    data: str
+    grouping: Grouping
+    n_flagged: int
+    n_clean: int
+
+
 class LayerGradients(_Row):
     """Gradient accounting of one layer group; lists run over the report's ``epochs``."""
 
@@ -44,7 +58,7 @@ class LayerGradients(_Row):
     cosine: list[float | None]
 
 
-class GradientsReport(Report):
+class GradientsReport(ProbeReport):
     """Per layer and epoch: norms of the summed flagged and clean gradients, their cosine.
 
     Norms are divided by sqrt(#parameters) of the layer. ``mode`` says how they were measured:
@@ -64,17 +78,8 @@ class GradientsReport(Report):
 
     KIND: ClassVar[str] = "gradients"
     kind: Literal["gradients"] = "gradients"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
-    schema_version: int = 2
-    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
-
-    model: str
-    data: str
-    grouping: Grouping
     mode: Literal["training", "checkpoint"]
     norm_stats: Literal["batch", "running"] = "batch"
-    n_flagged: int
-    n_clean: int
     epochs: list[int | None]
     layers: list[LayerGradients]
 
@@ -89,7 +94,7 @@ class LayerRewind(_Row):
     test: list[float | None] | None = None
 
 
-class RewindReport(Report):
+class RewindReport(ProbeReport):
     """Flagged and clean accuracy of the final model with one layer at a time rewound.
 
     ``layers[i].flagged[j]`` is the flagged (given-label) accuracy with layer ``i`` set to its
@@ -105,15 +110,6 @@ class RewindReport(Report):
 
     KIND: ClassVar[str] = "rewind"
     kind: Literal["rewind"] = "rewind"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
-    schema_version: int = 2
-    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
-
-    model: str
-    data: str
-    grouping: Grouping
-    n_flagged: int
-    n_clean: int
     n_test: int | None = None
     baseline: Accuracies
     epochs: list[int]
@@ -141,7 +137,7 @@ class LayerRetrain(_Row):
         return self.retrained.flagged - self.rewound.flagged
 
 
-class RetrainReport(Report):
+class RetrainReport(ProbeReport):
     """Per layer: accuracy after rewinding it to ``rewind_epoch`` and after retraining it alone.
 
     Retraining uses only the non-flagged examples, so flagged (given-label) accuracy can come
@@ -160,18 +156,9 @@ class RetrainReport(Report):
 
     KIND: ClassVar[str] = "retrain"
     kind: Literal["retrain"] = "retrain"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
-    schema_version: int = 2
-    preflight: Preflight | None = None  # the model's accuracy before the probe, its inputs
-
-    model: str
-    data: str
-    grouping: Grouping
     rewind_epoch: int
     train_epochs: int
     lr: float
-    n_flagged: int
-    n_clean: int
     n_test: int | None = None
     baseline: Accuracies
     layers: list[LayerRetrain]
