@@ -21,8 +21,16 @@ from memaudit.data import ImageDataset, complement, validate_rows
 from memaudit.engine import EpochEnd, evaluate, fit, pick_device
 from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
+from memaudit.membership import AttackResult, Interval, attack
 from memaudit.models import FAMILIES, Classifier, build_model
-from memaudit.schema import UnlearnReport, UnlearnScores
+from memaudit.schema import (
+    IdScore,
+    Membership,
+    MembershipFigures,
+    UnlearnReport,
+    UnlearnScores,
+)
+from memaudit.schema import Interval as SchemaInterval
 from memaudit.schema._inputs import Preflight
 from memaudit.units import zero_unit_weights
 
@@ -296,6 +304,41 @@ def _rows(train_set: ImageDataset, flagged_rows: Sequence[int] | torch.Tensor) -
     return rows
 
 
+def _figures(found: AttackResult) -> MembershipFigures:
+    def interval(value: Interval) -> SchemaInterval:
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return SchemaInterval(value=num(value.value), low=num(value.low), high=num(value.high))
+
+    return MembershipFigures(
+        auc=interval(found.auc),
+        tpr_at_1pct_fpr=interval(found.tpr[0.01]),
+        tpr_at_01pct_fpr=interval(found.tpr[0.001]),
+    )
+
+
+def _membership(
+    found: dict[str, AttackResult], train_set: ImageDataset, rows: torch.Tensor, n_refs: int
+) -> Membership:
+    ids = train_set.ids[rows] if train_set.ids is not None else rows
+    return Membership(
+        n_references=n_refs,
+        before=_figures(found["before"]),
+        after=_figures(found["after"]),
+        retrain=_figures(found["retrain"]) if "retrain" in found else None,
+        scores=[
+            IdScore(id=int(i), before=float(b), after=float(a))
+            for i, b, a in zip(
+                ids.tolist(),
+                found["before"].scores.tolist(),
+                found["after"].scores.tolist(),
+                strict=True,
+            )
+        ],
+    )
+
+
 def _method(name: str) -> UnlearnMethod:
     if name not in METHODS:
         raise MemauditError(f"unknown unlearning method {name!r}; choose from {sorted(METHODS)}")
@@ -326,6 +369,7 @@ def unlearn(
     seed: int = 0,
     compare_retrain: bool = False,
     retrain_epochs: int | None = None,
+    membership_references: int = 0,
     device: str | torch.device = "auto",
     on_progress: Callable[[UnlearnStep], None] | None = None,
     preflight: Preflight | None = None,
@@ -337,7 +381,10 @@ def unlearn(
     ``p_mem``, ``rows``). With ``compare_retrain`` a model is also retrained from scratch without
     the flagged rows and measured (the report's ``retrain`` block). ``preflight``: the check of
     ``model`` on this data (:func:`memaudit.preflight.preflight`, which ``Auditor.unlearn`` and
-    the CLI run first), recorded in the report.
+    the CLI run first), recorded in the report. With ``membership_references`` (K >= 2), K
+    models are trained from scratch without the flagged rows (the retraining recipe, other
+    seeds) and the membership test of :mod:`memaudit.membership` runs on the model before and
+    after (and retrained): the report's ``membership`` block.
 
     Example:
         >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
@@ -345,6 +392,11 @@ def unlearn(
     """
     chosen = _method(method)
     opts = _options(chosen, options)
+    if membership_references == 1 or membership_references < 0:
+        raise MemauditError(
+            "the membership test needs at least two reference models: pass "
+            "--membership-references 2 or more (0: no membership test)"
+        )
     rows = _rows(train_set, train_set.rows(ids))
     retained = complement(len(train_set), rows)
     dev = pick_device(device)
@@ -353,7 +405,9 @@ def unlearn(
         if on_progress is not None:
             on_progress(UnlearnStep(stage, k, total, loss))
 
-    def run(how: UnlearnMethod, n_epochs: int, stage: str) -> tuple[Classifier, float]:
+    def run(
+        how: UnlearnMethod, n_epochs: int, stage: str, job_seed: int = seed
+    ) -> tuple[Classifier, float]:
         job = UnlearnJob(
             model=copy.deepcopy(model),
             train=train_set,
@@ -362,7 +416,7 @@ def unlearn(
             epochs=n_epochs,
             lr=lr if lr is not None and how is chosen else how.lr,
             batch_size=batch_size,
-            seed=seed,
+            seed=job_seed,
             device=dev,
             options=opts if how is chosen else how.options,
             on_epoch=lambda e: step(stage, e.epoch, e.epochs, e.loss),
@@ -386,6 +440,19 @@ def unlearn(
         gold = METHODS["retrain"]
         retrained, retrain_seconds = run(gold, retrain_epochs or gold.epochs, "retrain")
         retrain_scores = measure(retrained, train_set, rows, retained, test=test, device=dev)
+    membership = None
+    if membership_references:
+        gold = METHODS["retrain"]
+        references = []
+        for k in range(membership_references):
+            torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
+            stage = f"reference {k + 1}/{membership_references}"
+            references.append(run(gold, retrain_epochs or gold.epochs, stage, seed + 1000 + k)[0])
+        scored = {"before": model, "after": unlearned}
+        if retrained is not None:
+            scored["retrain"] = retrained
+        found = attack(scored, references, train_set, rows, device=dev, seed=seed)
+        membership = _membership(found, train_set, rows, len(references))
     report = UnlearnReport(
         method=method,
         settings={
@@ -407,5 +474,6 @@ def unlearn(
         n_retained=int(retained.numel()),
         n_test=len(test) if test is not None else 0,
         preflight=preflight,
+        membership=membership,
     )
     return UnlearnResult(model=unlearned.cpu(), report=report, retrained=retrained)

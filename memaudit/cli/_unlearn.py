@@ -24,7 +24,7 @@ from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.models import save_model
 from memaudit.render.html import write_html
-from memaudit.schema import UnlearnReport, UnlearnScores
+from memaudit.schema import Interval, MembershipFigures, UnlearnReport, UnlearnScores
 from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep
 
 
@@ -32,27 +32,42 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _num(figure: Interval | None, fmt: str) -> str:
+    if figure is None or figure.value is None:
+        return "-"
+    shown = fmt.format(figure.value)
+    if figure.low is not None and figure.high is not None:
+        shown += f" [{fmt.format(figure.low)}, {fmt.format(figure.high)}]"
+    return shown
+
+
 def unlearn_table(report: UnlearnReport) -> Table:
     """Before / after (/ retrain) scores side by side."""
     table = Table(title=f"unlearn: {report.method} on {report.n_flagged} flagged ids")
     table.add_column("")
-    for name in ("flagged acc", "retained acc", "test acc", "MIA AUC"):
+    m = report.membership
+    names = ["flagged acc", "retained acc", "test acc", "loss AUC vs test"]
+    names += ["membership AUC", "TPR @ 1% FPR"] if m is not None else []
+    for name in names:
         table.add_column(name, justify="right")
-    blocks: list[tuple[str, UnlearnScores | None]] = [
-        ("before", report.before),
-        ("after", report.after),
-        ("retrain", report.retrain),
+    blocks: list[tuple[str, UnlearnScores | None, MembershipFigures | None]] = [
+        ("before", report.before, m.before if m else None),
+        ("after", report.after, m.after if m else None),
+        ("retrain", report.retrain, m.retrain if m else None),
     ]
-    for name, scores in blocks:
+    for name, scores, figures in blocks:
         if scores is None:
             continue
-        table.add_row(
-            name,
+        cells = [
             _pct(scores.flagged_accuracy),
             _pct(scores.retained_accuracy),
             _pct(scores.test_accuracy),
             "-" if scores.mia_auc is None else f"{scores.mia_auc:.3f}",
-        )
+        ]
+        if m is not None:
+            auc, tpr = (figures.auc, figures.tpr_at_1pct_fpr) if figures else (None, None)
+            cells += [_num(auc, "{:.3f}"), _num(tpr, "{:.1%}")]
+        table.add_row(name, *cells)
     caption = f"{report.seconds:.1f} s"
     if report.retrain_seconds is not None:
         caption += f" (retraining: {report.retrain_seconds:.1f} s)"
@@ -100,6 +115,14 @@ def unlearn_command(
         typer.Option("--compare-retrain", help="Also retrain from scratch without the ids (slow)."),
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffling and masks.")] = 0,
+    membership_references: Annotated[
+        int,
+        typer.Option(
+            "--membership-references",
+            help="Train K models without the flagged ids (K >= 2, like retraining) and run the "
+            "membership test against them: AUC and TPR at 1% FPR before and after. 0: none.",
+        ),
+    ] = 0,
     report_path: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON report here.")
     ] = None,
@@ -121,6 +144,7 @@ def unlearn_command(
             lr=lr,
             seed=seed,
             compare_retrain=compare_retrain,
+            membership_references=membership_references,
             on_progress=on_progress,
         )
     )

@@ -132,11 +132,11 @@ def units_per_layer(
 
 
 METRICS = ("flagged_accuracy", "retained_accuracy", "test_accuracy", "mia_auc")
-_METRIC_LABELS = ("flagged acc.", "retained acc.", "test acc.", "MIA AUC")
+_METRIC_LABELS = ("flagged acc.", "retained acc.", "test acc.", "loss AUC vs test")
 
 
 def accuracy_bars(series: Mapping[str, Mapping[str, float | None]], *, title: str = "") -> str:
-    """Grouped bars per metric (flagged, retained, test accuracy, MIA AUC), one bar per series."""
+    """Grouped bars per metric (accuracies, loss AUC vs test), one bar per series."""
     with _figure("accuracy-bars", 2.8) as fig:
         ax = fig.add_subplot()
         x = np.arange(len(METRICS))

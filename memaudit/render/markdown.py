@@ -103,7 +103,7 @@ def _scores_table(unlearns: Sequence[UnlearnReport]) -> list[str]:
         ("flagged accuracy", "flagged_accuracy"),
         ("retained accuracy", "retained_accuracy"),
         ("test accuracy", "test_accuracy"),
-        ("MIA AUC", "mia_auc"),
+        ("loss AUC vs test images", "mia_auc"),
     ]
     out = [
         "| | " + " | ".join(md(name) for name, _ in columns) + " |",
@@ -113,4 +113,16 @@ def _scores_table(unlearns: Sequence[UnlearnReport]) -> list[str]:
         cells = [getattr(scores, key) for _, scores in columns]
         shown = ["n/a" if c is None else f"{c:.3f}" for c in cells]
         out.append(f"| {label} | " + " | ".join(shown) + " |")
+    tested = next((u.membership for u in unlearns if u.membership), None)
+    if tested is not None:  # the membership test of like with like (reference models)
+        per_column = [
+            tested.before,
+            *(u.membership.after if u.membership else None for u in unlearns),
+        ]
+        if retrain is not None:
+            per_column.append(tested.retrain)
+        for label, pick in (("membership AUC", "auc"), ("TPR at 1% FPR", "tpr_at_1pct_fpr")):
+            values = [getattr(f, pick).value if f is not None else None for f in per_column]
+            shown = ["n/a" if v is None else f"{v:.3f}" for v in values]
+            out.append(f"| {label} | " + " | ".join(shown) + " |")
     return [*out, ""]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from memaudit.schema._audit import Gate, Verdict
 from memaudit.schema._scan import ScanReport
-from memaudit.schema._unlearn import UnlearnReport
+from memaudit.schema._unlearn import MembershipFigures, UnlearnReport
 
 
 def gate_message(gate: Gate) -> str:
@@ -21,6 +21,35 @@ def gate_message(gate: Gate) -> str:
         f"gate --{gate.name} failed: {what} is {gate.value:.1%}, above the limit "
         f"{gate.threshold:.1%} by {(gate.value - gate.threshold) * 100:.1f} pts"
     )
+
+
+def membership_sentence(u: UnlearnReport) -> str | None:
+    """The membership test in a reviewer's words: can the flagged ids be told from unseen ones?"""
+    m = u.membership
+    if m is None:
+        return None
+
+    def figures(f: MembershipFigures) -> str:
+        tpr, auc = f.tpr_at_1pct_fpr.value, f.auc.value
+        return f"TPR {_pct(tpr)} at 1% FPR, AUC {_num(auc)}"
+
+    line = (
+        f"Membership test against {m.n_references} models trained without the flagged ids: "
+        f"before unlearning {figures(m.before)}; after {figures(m.after)}"
+    )
+    if m.retrain is not None:
+        line += f"; a model retrained without them {figures(m.retrain)}"
+    after = m.after.auc
+    if after.high is not None and after.high < 0.5:
+        line += (
+            ". After unlearning the flagged ids look less like members than under models that "
+            "never saw them: that is itself a signal an attacker can use, not success"
+        )
+    elif after.low is not None and after.low > 0.5:
+        line += ". After unlearning the flagged ids are still distinguishable from unseen ones"
+    else:
+        line += ". After unlearning the flagged ids are not distinguishable from unseen ones"
+    return line + "."
 
 
 def _pct(x: float | None) -> str:
@@ -94,8 +123,10 @@ def verdict_sentences(
             f"{_pct(u.before.flagged_accuracy)} to {_pct(u.after.flagged_accuracy)}{retrain}; "
             f"retained {_pct(u.before.retained_accuracy)} → {_pct(u.after.retained_accuracy)}, "
             f"test {_pct(u.before.test_accuracy)} → {_pct(u.after.test_accuracy)}, "
-            f"MIA AUC {_num(u.before.mia_auc)} → {_num(u.after.mia_auc)}."
+            f"loss-threshold AUC against test images {_num(u.before.mia_auc)} → "
+            f"{_num(u.after.mia_auc)}."
         )
+    lines += [said for u in unlearns if (said := membership_sentence(u))]
     if unlearn_skipped:
         lines.append("Unlearning was not run (--no-unlearn).")
     if rescan is not None and found.n_correct_after is not None:
@@ -115,5 +146,6 @@ def unlearn_sentences(unlearns: Sequence[UnlearnReport]) -> list[str]:
         + "."
         for u in unlearns
     ]
+    lines += [said for u in unlearns if (said := membership_sentence(u))]
     warnings = dict.fromkeys(w for u in unlearns if u.preflight for w in u.preflight.warnings)
     return lines + [f"Caution: {w}." for w in warnings]

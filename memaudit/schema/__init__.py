@@ -43,7 +43,15 @@ from memaudit.schema._scan import (
     Unit,
     summarize,
 )
-from memaudit.schema._unlearn import UnlearnReport, UnlearnScores, accuracy_gap
+from memaudit.schema._unlearn import (
+    IdScore,
+    Interval,
+    Membership,
+    MembershipFigures,
+    UnlearnReport,
+    UnlearnScores,
+    accuracy_gap,
+)
 
 __all__ = [
     "KINDS",
@@ -56,10 +64,14 @@ __all__ = [
     "Gate",
     "GradientsReport",
     "Grouping",
+    "IdScore",
+    "Interval",
     "LayerCount",
     "LayerGradients",
     "LayerRetrain",
     "LayerRewind",
+    "Membership",
+    "MembershipFigures",
     "ModelSummary",
     "Preflight",
     "Preprocessing",

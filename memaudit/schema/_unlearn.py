@@ -29,6 +29,46 @@ class UnlearnScores(BaseModel):
     )
 
 
+class Interval(BaseModel):
+    """A figure and its 95% bootstrap interval; ``None`` where it cannot be resolved."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    value: float | None
+    low: float | None
+    high: float | None
+
+
+class MembershipFigures(BaseModel):
+    """The membership test on one model: ROC AUC and TPR at 1% and 0.1% FPR."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    auc: Interval
+    tpr_at_1pct_fpr: Interval
+    tpr_at_01pct_fpr: Interval
+
+
+class IdScore(BaseModel):
+    """One flagged id's membership score (pooled standard deviations above the references)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: int
+    before: float
+    after: float
+
+
+class Membership(BaseModel):
+    """The membership test of like with like (:mod:`memaudit.membership`): the flagged ids
+    under each model against the same ids under reference models trained without them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    attack: Literal["offline-lira-fixed-variance"] = "offline-lira-fixed-variance"
+    n_references: int
+    before: MembershipFigures
+    after: MembershipFigures
+    retrain: MembershipFigures | None = None
+    scores: list[IdScore]
+
+
 class UnlearnReport(Report):
     """Before/after scores of removing flagged examples from a model, on the same data.
 
@@ -65,6 +105,9 @@ class UnlearnReport(Report):
     out_model: str | None = Field(None, description="where the unlearned model was saved")
     preflight: Preflight | None = Field(
         None, description="the original model's accuracy before unlearning, and its inputs"
+    )
+    membership: Membership | None = Field(
+        None, description="the membership test against reference models (membership_references)"
     )
 
     def gap_to_retrain(self) -> float | None:
