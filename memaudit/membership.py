@@ -22,6 +22,7 @@ them). Reported: ROC AUC and TPR at 1% and 0.1% FPR, with bootstrap intervals ov
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,8 @@ from memaudit.data import ImageDataset
 from memaudit.engine import logits_of
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
+from memaudit.schema import IdScore, Membership, MembershipFigures
+from memaudit.schema import Interval as SchemaInterval
 
 FPRS = (0.01, 0.001)
 
@@ -152,3 +155,33 @@ def attack(
         auc, tpr = evaluate(scores, negatives, seed=seed)
         out[name] = AttackResult(scores, auc, tpr)
     return out
+
+
+def summarize(found: dict[str, AttackResult], ids: Sequence[int], n_references: int) -> Membership:
+    """The report's membership block from :func:`attack` on ``before``, ``after`` and (if
+    scored) ``retrain``; ``ids`` are the flagged ids in the order of the scores."""
+
+    def interval(value: Interval) -> SchemaInterval:
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
+        return SchemaInterval(value=num(value.value), low=num(value.low), high=num(value.high))
+
+    def figures(result: AttackResult) -> MembershipFigures:
+        return MembershipFigures(
+            auc=interval(result.auc),
+            tpr_at_1pct_fpr=interval(result.tpr[0.01]),
+            tpr_at_01pct_fpr=interval(result.tpr[0.001]),
+        )
+
+    before, after = found["before"], found["after"]
+    return Membership(
+        n_references=n_references,
+        before=figures(before),
+        after=figures(after),
+        retrain=figures(found["retrain"]) if "retrain" in found else None,
+        scores=[
+            IdScore(id=int(i), before=float(b), after=float(a))
+            for i, b, a in zip(ids, before.scores.tolist(), after.scores.tolist(), strict=True)
+        ],
+    )

@@ -18,19 +18,12 @@ from typing import Any
 import torch
 
 from memaudit.data import ImageDataset, complement, validate_rows
-from memaudit.engine import EpochEnd, evaluate, fit, pick_device
+from memaudit.engine import EpochEnd, evaluate, fit, pick_device, predict
 from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
-from memaudit.membership import AttackResult, Interval, attack
+from memaudit.membership import attack, summarize
 from memaudit.models import FAMILIES, Classifier, build_model
-from memaudit.schema import (
-    IdScore,
-    Membership,
-    MembershipFigures,
-    UnlearnReport,
-    UnlearnScores,
-)
-from memaudit.schema import Interval as SchemaInterval
+from memaudit.schema import UnlearnReport, UnlearnScores
 from memaudit.schema._inputs import Preflight
 from memaudit.units import zero_unit_weights
 
@@ -304,39 +297,16 @@ def _rows(train_set: ImageDataset, flagged_rows: Sequence[int] | torch.Tensor) -
     return rows
 
 
-def _figures(found: AttackResult) -> MembershipFigures:
-    def interval(value: Interval) -> SchemaInterval:
-        def num(x: float) -> float | None:
-            return None if math.isnan(x) else x
-
-        return SchemaInterval(value=num(value.value), low=num(value.low), high=num(value.high))
-
-    return MembershipFigures(
-        auc=interval(found.auc),
-        tpr_at_1pct_fpr=interval(found.tpr[0.01]),
-        tpr_at_01pct_fpr=interval(found.tpr[0.001]),
-    )
-
-
-def _membership(
-    found: dict[str, AttackResult], train_set: ImageDataset, rows: torch.Tensor, n_refs: int
-) -> Membership:
-    ids = train_set.ids[rows] if train_set.ids is not None else rows
-    return Membership(
-        n_references=n_refs,
-        before=_figures(found["before"]),
-        after=_figures(found["after"]),
-        retrain=_figures(found["retrain"]) if "retrain" in found else None,
-        scores=[
-            IdScore(id=int(i), before=float(b), after=float(a))
-            for i, b, a in zip(
-                ids.tolist(),
-                found["before"].scores.tolist(),
-                found["after"].scores.tolist(),
-                strict=True,
-            )
-        ],
-    )
+def _check_reference(model: Classifier, reference: Classifier) -> None:
+    """A given reference must be a model of the same architecture and classes."""
+    ours, theirs = model.info, reference.info
+    if theirs.num_classes != ours.num_classes or theirs.arch != ours.arch:
+        raise MemauditError(
+            f"the retrained reference {theirs.source} is a {theirs.arch} with "
+            f"{theirs.num_classes} classes, but the model is a {ours.arch} with "
+            f"{ours.num_classes}: pass a model of the same architecture retrained without the "
+            "flagged ids"
+        )
 
 
 def _method(name: str) -> UnlearnMethod:
@@ -370,6 +340,7 @@ def unlearn(
     compare_retrain: bool = False,
     retrain_epochs: int | None = None,
     membership_references: int = 0,
+    retrained: Classifier | None = None,
     device: str | torch.device = "auto",
     on_progress: Callable[[UnlearnStep], None] | None = None,
     preflight: Preflight | None = None,
@@ -384,7 +355,9 @@ def unlearn(
     the CLI run first), recorded in the report. With ``membership_references`` (K >= 2), K
     models are trained from scratch without the flagged rows (the retraining recipe, other
     seeds) and the membership test of :mod:`memaudit.membership` runs on the model before and
-    after (and retrained): the report's ``membership`` block.
+    after (and retrained): the report's ``membership`` block. ``retrained``: a reference the
+    user already has (trained without the flagged ids), used instead of retraining here; its
+    architecture and class count must be the model's.
 
     Example:
         >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
@@ -392,6 +365,9 @@ def unlearn(
     """
     chosen = _method(method)
     opts = _options(chosen, options)
+    given = retrained
+    if given is not None:
+        _check_reference(model, given)
     if membership_references == 1 or membership_references < 0:
         raise MemauditError(
             "the membership test needs at least two reference models: pass "
@@ -435,11 +411,20 @@ def unlearn(
     step("measure", 1, 2)
     after = measure(unlearned, train_set, rows, retained, test=test, device=dev)
     step("measure", 2, 2)
-    retrained, retrain_scores, retrain_seconds = None, None, None
-    if compare_retrain:
+    retrain_scores, retrain_seconds, agreement = None, None, None
+    if compare_retrain and retrained is None:
         gold = METHODS["retrain"]
         retrained, retrain_seconds = run(gold, retrain_epochs or gold.epochs, "retrain")
+    if retrained is not None:
         retrain_scores = measure(retrained, train_set, rows, retained, test=test, device=dev)
+        agreement = float(
+            (
+                predict(unlearned, train_set, rows, device=dev)
+                == predict(retrained, train_set, rows, device=dev)
+            )
+            .float()
+            .mean()
+        )
     membership = None
     if membership_references:
         gold = METHODS["retrain"]
@@ -452,7 +437,8 @@ def unlearn(
         if retrained is not None:
             scored["retrain"] = retrained
         found = attack(scored, references, train_set, rows, device=dev, seed=seed)
-        membership = _membership(found, train_set, rows, len(references))
+        ids_of = train_set.ids[rows] if train_set.ids is not None else rows
+        membership = summarize(found, ids_of.tolist(), len(references))
     report = UnlearnReport(
         method=method,
         settings={
@@ -467,6 +453,8 @@ def unlearn(
         retrain=retrain_scores,
         seconds=seconds,
         retrain_seconds=retrain_seconds,
+        retrain_source=given.info.source if given is not None else None,
+        agreement_with_retrain=agreement,
         model=f"{model.info.source} ({model.info.arch})",
         data=f"{train_set.ref.source} [{train_set.ref.split}]",
         test_data=f"{test.ref.source} [{test.ref.split}]" if test is not None else None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +143,41 @@ def test_unlearn_runs_the_membership_test_before_and_after() -> None:
     assert "membership AUC" in render_markdown(result.report)
     with pytest.raises(MemauditError, match="at least two reference"):
         unlearn(member, data, [0], method="finetune", membership_references=1)  # type: ignore[arg-type]
+
+
+def test_a_given_reference_is_the_yardstick_and_a_wrong_one_is_refused(tmp_path: Path) -> None:
+    from memaudit.cli import main
+    from memaudit.models import save_model
+    from memaudit.unlearn import unlearn
+
+    data = _random_label_data(96, seed=0)
+    member = _trained(data, torch.arange(96), seed=1)
+    reference = _trained(data, torch.arange(32, 96), seed=2)
+    result = unlearn(
+        member,  # type: ignore[arg-type]
+        data,
+        list(range(32)),
+        method="finetune",
+        epochs=1,
+        batch_size=16,
+        retrained=reference,  # type: ignore[arg-type]
+        device="cpu",
+    )
+    r = result.report
+    assert r.retrain is not None and r.retrain_seconds is None and r.retrain_source is not None
+    assert r.agreement_with_retrain is not None and 0 <= r.agreement_with_retrain <= 1
+    gap = r.average_gap()
+    assert gap is not None and gap == pytest.approx(r.gap_to_retrain())  # no membership test
+    other = build_model("memaudit:resnet9", num_classes=4, in_chans=1, config={"width": 4})
+    with pytest.raises(MemauditError, match="4 classes, but the model"):
+        unlearn(member, data, [0], method="finetune", retrained=other)  # type: ignore[arg-type]
+
+    # the CLI: --retrained MODEL, and a wrong one is a one-line error (exit 2)
+    np.savez(tmp_path / "d.npz", images=data.images[:, 0].numpy(), labels=data.labels.numpy())
+    save_model(member, tmp_path / "m.safetensors")  # type: ignore[arg-type]
+    save_model(other, tmp_path / "other.safetensors")
+    (tmp_path / "ids.txt").write_text("0\n1\n2\n")
+    argv = ["unlearn", str(tmp_path / "m.safetensors"), "--flagged", str(tmp_path / "ids.txt")]
+    argv += ["--data", str(tmp_path / "d.npz"), "--method", "finetune", "--epochs", "1"]
+    argv += ["--out-model", str(tmp_path / "u.safetensors"), "--device", "cpu"]
+    assert main([*argv, "--retrained", str(tmp_path / "other.safetensors")]) == 2

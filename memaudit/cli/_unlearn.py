@@ -22,7 +22,7 @@ from memaudit.cli._common import (
 from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
-from memaudit.models import save_model
+from memaudit.models import load_model, save_model
 from memaudit.render.html import write_html
 from memaudit.schema import Interval, MembershipFigures, UnlearnReport, UnlearnScores
 from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep
@@ -71,9 +71,11 @@ def unlearn_table(report: UnlearnReport) -> Table:
     caption = f"{report.seconds:.1f} s"
     if report.retrain_seconds is not None:
         caption += f" (retraining: {report.retrain_seconds:.1f} s)"
-    gap = report.gap_to_retrain()
+    gap = report.average_gap()
     if gap is not None:
-        caption += f"; gap to retraining {gap:.1%}"
+        caption += f"; average gap to the reference {gap:.1%}"
+    if report.agreement_with_retrain is not None:
+        caption += f"; {report.agreement_with_retrain:.0%} of flagged ids predicted as it does"
     table.caption = caption
     return table
 
@@ -123,6 +125,14 @@ def unlearn_command(
             "membership test against them: AUC and TPR at 1% FPR before and after. 0: none.",
         ),
     ] = 0,
+    retrained: Annotated[
+        str | None,
+        typer.Option(
+            "--retrained",
+            help="A reference retrained without the flagged ids (same architecture), used "
+            "instead of retraining: gaps, agreement and membership are measured against it.",
+        ),
+    ] = None,
     report_path: Annotated[
         Path | None, typer.Option("--out", help="Write the JSON report here.")
     ] = None,
@@ -136,6 +146,11 @@ def unlearn_command(
         if path is not None:
             writable(path, option)
     inputs = load_inputs(model, flagged=flagged, options=load)
+    reference = (
+        load_model(retrained, arch=load.arch, trust_pickle=load.trust_pickle)
+        if retrained is not None
+        else None
+    )
     result = with_progress(
         lambda on_progress: inputs.auditor.unlearn(
             inputs.ids,
@@ -145,6 +160,7 @@ def unlearn_command(
             seed=seed,
             compare_retrain=compare_retrain,
             membership_references=membership_references,
+            retrained=reference,
             on_progress=on_progress,
         )
     )

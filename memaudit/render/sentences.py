@@ -52,6 +52,22 @@ def membership_sentence(u: UnlearnReport) -> str | None:
     return line + "."
 
 
+def gap_sentence(u: UnlearnReport) -> str | None:
+    """How far the unlearned model is from the reference retrained without the flagged ids."""
+    gap = u.average_gap()
+    if gap is None:
+        return None
+    what = "membership TPR included" if u.membership and u.membership.retrain else "accuracies"
+    line = (
+        f"Average gap to the model retrained without the flagged ids: {gap * 100:.1f} pts ({what})"
+    )
+    if u.agreement_with_retrain is not None:
+        line += (
+            f"; {_pct(u.agreement_with_retrain)} of flagged ids are predicted as it predicts them"
+        )
+    return line + "."
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
@@ -127,6 +143,7 @@ def verdict_sentences(
             f"{_num(u.after.mia_auc)}."
         )
     lines += [said for u in unlearns if (said := membership_sentence(u))]
+    lines += [said for u in unlearns if (said := gap_sentence(u))]
     if unlearn_skipped:
         lines.append("Unlearning was not run (--no-unlearn).")
     if rescan is not None and found.n_correct_after is not None:
@@ -147,5 +164,6 @@ def unlearn_sentences(unlearns: Sequence[UnlearnReport]) -> list[str]:
         for u in unlearns
     ]
     lines += [said for u in unlearns if (said := membership_sentence(u))]
+    lines += [said for u in unlearns if (said := gap_sentence(u))]
     warnings = dict.fromkeys(w for u in unlearns if u.preflight for w in u.preflight.warnings)
     return lines + [f"Caution: {w}." for w in warnings]

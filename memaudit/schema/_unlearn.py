@@ -109,6 +109,12 @@ class UnlearnReport(Report):
     membership: Membership | None = Field(
         None, description="the membership test against reference models (membership_references)"
     )
+    retrain_source: str | None = Field(
+        None, description="the reference model given with retrained= (else retrained here)"
+    )
+    agreement_with_retrain: float | None = Field(
+        None, ge=0, le=1, description="share of flagged ids predicted as the reference predicts"
+    )
 
     def gap_to_retrain(self) -> float | None:
         """Mean absolute difference of the accuracies after unlearning and after retraining."""
@@ -116,13 +122,32 @@ class UnlearnReport(Report):
             return None
         return accuracy_gap(self.after, self.retrain)
 
+    def average_gap(self) -> float | None:
+        """The average gap to the reference (the metric of the SalUn and Unlearn-Sparse papers):
+        the mean absolute gap over flagged, retained and test accuracy and, when measured, the
+        membership test's TPR at 1% FPR."""
+        if self.retrain is None:
+            return None
+        pairs = _pairs(self.after, self.retrain)
+        m = self.membership
+        if m is not None and m.retrain is not None:
+            after, ref = m.after.tpr_at_1pct_fpr.value, m.retrain.tpr_at_1pct_fpr.value
+            if after is not None and ref is not None:
+                pairs.append((after, ref))
+        return sum(abs(x - y) for x, y in pairs) / len(pairs)
+
 
 def accuracy_gap(a: UnlearnScores, b: UnlearnScores) -> float:
     """Mean absolute difference of flagged, retained and (when both have it) test accuracy."""
+    pairs = _pairs(a, b)
+    return sum(abs(x - y) for x, y in pairs) / len(pairs)
+
+
+def _pairs(a: UnlearnScores, b: UnlearnScores) -> list[tuple[float, float]]:
     pairs = [
         (a.flagged_accuracy, b.flagged_accuracy),
         (a.retained_accuracy, b.retained_accuracy),
     ]
     if a.test_accuracy is not None and b.test_accuracy is not None:
         pairs.append((a.test_accuracy, b.test_accuracy))
-    return sum(abs(x - y) for x, y in pairs) / len(pairs)
+    return pairs
