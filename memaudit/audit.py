@@ -177,6 +177,8 @@ def audit(
             headline,
             max_flagged_accuracy=plan.max_flagged_accuracy,
             max_localized_fraction=plan.max_localized_fraction,
+            max_gap_to_retrain=plan.max_gap_to_retrain,
+            max_membership_tpr=plan.max_membership_tpr,
         ),
         provenance=_provenance(
             model,
@@ -196,16 +198,27 @@ def check_plan(plan: AuditPlan) -> None:
         raise MemauditError(f"localized units must be at least 1, got {plan.localized_units}")
     if plan.compare < 0:
         raise MemauditError(f"the comparison group size must be >= 0, got {plan.compare}")
-    for name, value in (
+    after = (
         ("--max-flagged-accuracy", plan.max_flagged_accuracy),
-        ("--max-localized-fraction", plan.max_localized_fraction),
-    ):
+        ("--max-gap-to-retrain", plan.max_gap_to_retrain),
+        ("--max-membership-tpr", plan.max_membership_tpr),
+    )
+    for name, value in (*after, ("--max-localized-fraction", plan.max_localized_fraction)):
         if value is not None and not 0 <= value <= 1:
             raise MemauditError(f"{name} is a fraction in [0, 1], got {value}")
-    if plan.no_unlearn and plan.max_flagged_accuracy is not None:
+    for name, value in after:
+        if plan.no_unlearn and value is not None:
+            raise MemauditError(
+                f"{name} gates the model after unlearning; drop --no-unlearn or the gate"
+            )
+    options = plan.unlearn_options
+    if plan.max_gap_to_retrain is not None and not (
+        options.get("compare_retrain") or options.get("retrained") is not None
+    ):
+        raise MemauditError("--max-gap-to-retrain needs a reference: add --compare-retrain")
+    if plan.max_membership_tpr is not None and int(options.get("membership_references", 0)) < 2:
         raise MemauditError(
-            "--max-flagged-accuracy gates the accuracy after unlearning; drop --no-unlearn or "
-            "the gate"
+            "--max-membership-tpr needs the membership test: add --membership-references 2"
         )
 
 

@@ -259,3 +259,29 @@ def test_report_command_renders_several_files(tmp_path: Path) -> None:
     text = md_path.read_text()
     assert "For comparison, 8 non-flagged examples" in text and "after example" in text
     assert main(["report", *files, "--json", str(tmp_path / "x.json")]) == 2  # one report only
+
+
+def test_gates_of_the_reference_and_the_membership_test(
+    bed: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    fast = ("--method", "finetune", "--epochs", "1", "--max-units", "4")
+    # misconfigured: each gate needs what it measures
+    assert _cli(bed, *fast, "--max-gap-to-retrain", "0.5") == 2
+    assert "add --compare-retrain" in capsys.readouterr().err
+    assert _cli(bed, *fast, "--max-membership-tpr", "0.5") == 2
+    assert "add --membership-references 2" in capsys.readouterr().err
+    assert _cli(bed, "--no-unlearn", "--max-gap-to-retrain", "0.5") == 2
+    # measured: a generous gate passes, an impossible one fails (exit 1), outputs written
+    measured = (*fast, "--compare-retrain", "--membership-references", "2")
+    assert _cli(bed, *measured, "--max-gap-to-retrain", "1") == 0
+    report = AuditReport.from_json(bed["root"] / "out" / "audit.json")
+    assert [g.name for g in report.gates] == ["max-gap-to-retrain"] and report.passed
+    assert report.verdict.gap_to_retrain is not None and report.unlearn is not None
+    assert report.unlearn.membership is not None and report.unlearn.retrain is not None
+    assert "Membership test against 2 models" in (bed["root"] / "out" / "audit.md").read_text()
+    capsys.readouterr()
+    assert _cli(bed, *measured, "--max-gap-to-retrain", "0") == 1  # finetune is not retraining
+    assert "gate --max-gap-to-retrain failed" in capsys.readouterr().err
+    # 4 flagged ids x 2 references cannot resolve 1% FPR: the gate fails, it never passes silently
+    assert _cli(bed, *measured, "--max-membership-tpr", "1") == 1
+    assert "could not be measured" in capsys.readouterr().err

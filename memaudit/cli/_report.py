@@ -203,6 +203,14 @@ def audit_command(
     compare_retrain: Annotated[
         bool, typer.Option("--compare-retrain", help="Also retrain without the flagged ids (slow).")
     ] = False,
+    membership_references: Annotated[
+        int,
+        typer.Option(
+            "--membership-references",
+            help="Run the membership test against K models trained without the flagged ids "
+            "(K >= 2); 0: none.",
+        ),
+    ] = 0,
     images: Annotated[
         ImagesMode,
         typer.Option(
@@ -219,7 +227,11 @@ def audit_command(
     started, start = datetime.now(timezone.utc), time.perf_counter()
     writable(out_dir, "--out-dir", folder=True)
     settings = scan_settings(settings)  # the scorer must be registered
-    options: dict[str, Any] = {"seed": settings.seed, "compare_retrain": compare_retrain}
+    options: dict[str, Any] = {
+        "seed": settings.seed,
+        "compare_retrain": compare_retrain,
+        "membership_references": membership_references,
+    }
     if epochs is not None:
         options["epochs"] = epochs
     plan = plan.model_copy(update={"scan": settings, "unlearn_options": options})

@@ -14,7 +14,16 @@ def gate_message(gate: Gate) -> str:
     what = {
         "max-flagged-accuracy": "flagged accuracy after unlearning",
         "max-localized-fraction": "share of flagged examples localized",
+        "max-gap-to-retrain": "average gap to retraining",
+        "max-membership-tpr": "membership TPR at 1% FPR after unlearning",
     }[gate.name]
+    if gate.value is None:
+        hint = (
+            " (TPR at 1% FPR needs at least 100 negatives: more flagged ids or references)"
+            if gate.name == "max-membership-tpr"
+            else ""
+        )
+        return f"gate --{gate.name} failed: the {what} could not be measured{hint}"
     if gate.passed:
         return f"gate --{gate.name} passed: {what} {gate.value:.1%} <= {gate.threshold:.1%}"
     return (

@@ -52,13 +52,18 @@ class Provenance(BaseModel):
     stages: list[StageTime] = Field(default_factory=list)
 
 
+GateName = Literal[
+    "max-flagged-accuracy", "max-localized-fraction", "max-gap-to-retrain", "max-membership-tpr"
+]
+
+
 class Gate(BaseModel):
     """A pass/fail threshold a pipeline set on the audit (``value`` must be ``<= threshold``)."""
 
     model_config = _STRICT
-    name: Literal["max-flagged-accuracy", "max-localized-fraction"]
+    name: GateName
     threshold: float
-    value: float
+    value: float | None = Field(description="the measured value; None if it could not be")
     passed: bool
 
 
@@ -77,6 +82,12 @@ class Verdict(BaseModel):
     n_localized_after: int | None = Field(None, description="still flip with <= N units (rescan)")
     warnings: list[str] = Field(
         default_factory=list, description="what limits the audit (from the preflight check)"
+    )
+    gap_to_retrain: float | None = Field(
+        None, description="average gap of the unlearned model to the retrained reference"
+    )
+    membership_tpr_after: float | None = Field(
+        None, description="membership test after unlearning: TPR at 1% FPR"
     )
 
 
@@ -106,6 +117,16 @@ class AuditPlan(BaseModel):
         None,
         description="gate: fail (exit 1) if more than this share of flagged examples flip with "
         "<= --localized-units units (before unlearning)",
+    )
+    max_gap_to_retrain: float | None = Field(
+        None,
+        description="gate: fail (exit 1) if the average gap to the model retrained without the "
+        "flagged ids is above X (needs --compare-retrain)",
+    )
+    max_membership_tpr: float | None = Field(
+        None,
+        description="gate: fail (exit 1) if after unlearning the membership test finds more "
+        "than X of the flagged ids at 1% FPR (needs --membership-references)",
     )
 
 
@@ -167,6 +188,12 @@ def verdict(
         n_correct_after=n_correct(rescan) if rescan else None,
         n_localized_after=n_localized(rescan, localized_units) if rescan else None,
         warnings=list(scan.preflight.warnings) if scan.preflight else [],
+        gap_to_retrain=unlearn.average_gap() if unlearn else None,
+        membership_tpr_after=(
+            unlearn.membership.after.tpr_at_1pct_fpr.value
+            if unlearn and unlearn.membership
+            else None
+        ),
     )
 
 
@@ -175,27 +202,19 @@ def gates(
     *,
     max_flagged_accuracy: float | None = None,
     max_localized_fraction: float | None = None,
+    max_gap_to_retrain: float | None = None,
+    max_membership_tpr: float | None = None,
 ) -> list[Gate]:
-    """The gates that were set, checked against ``found``."""
-    result = []
-    if max_flagged_accuracy is not None and found.flagged_accuracy_after is not None:
-        value = found.flagged_accuracy_after
-        result.append(
-            Gate(
-                name="max-flagged-accuracy",
-                threshold=max_flagged_accuracy,
-                value=value,
-                passed=value <= max_flagged_accuracy,
-            )
-        )
-    if max_localized_fraction is not None:
-        value = found.localized_fraction
-        result.append(
-            Gate(
-                name="max-localized-fraction",
-                threshold=max_localized_fraction,
-                value=value,
-                passed=value <= max_localized_fraction,
-            )
-        )
-    return result
+    """The gates that were set (and could be measured), checked against ``found``."""
+    checks: list[tuple[GateName, float | None, float | None]] = [
+        ("max-flagged-accuracy", max_flagged_accuracy, found.flagged_accuracy_after),
+        ("max-localized-fraction", max_localized_fraction, found.localized_fraction),
+        ("max-gap-to-retrain", max_gap_to_retrain, found.gap_to_retrain),
+        ("max-membership-tpr", max_membership_tpr, found.membership_tpr_after),
+    ]
+    # A gate that was set but could not be measured fails: a pipeline must not pass silently.
+    return [
+        Gate(name=name, threshold=limit, value=value, passed=value is not None and value <= limit)
+        for name, limit, value in checks
+        if limit is not None
+    ]
