@@ -6,8 +6,8 @@ from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier, ModelInfo, load_model, save_model
-from memaudit.schema import ScanReport, ScanSettings
-from memaudit.units import Unit, UnitSpace
+from memaudit.schema import ScanReport, ScanSettings, Unit
+from memaudit.units import UnitSpace
 
 __all__ = [
     "Auditor",

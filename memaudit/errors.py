@@ -21,17 +21,22 @@ class MissingSplitError(MemauditError):
     """The dataset has no split of that name (an optional split may be treated as absent)."""
 
 
-def validation_problem(error: ValidationError) -> str:
-    """The first problem of a pydantic error as ``'where: what'`` (one line)."""
+def first_problem(error: ValidationError) -> tuple[tuple[str, ...], str]:
+    """Where (the field path) and what, of the first problem of a pydantic error."""
     first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         what = "unknown key"
     elif first["type"] == "value_error":  # a validator's own message, without pydantic's prefix
         what = str(first.get("ctx", {}).get("error", first["msg"]))
     else:
         what = first["msg"]
-    return f"{where}: {what}" if where else what
+    return tuple(str(p) for p in first["loc"]), what
+
+
+def validation_problem(error: ValidationError) -> str:
+    """The first problem of a pydantic error as ``'where: what'`` (one line)."""
+    loc, what = first_problem(error)
+    return f"{'.'.join(loc)}: {what}" if loc else what
 
 
 def validated(model: type[M], values: Mapping[str, Any], what: str) -> M:

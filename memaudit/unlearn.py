@@ -430,9 +430,11 @@ def unlearn(
         gold = METHODS["retrain"]
         references = []
         for k in range(membership_references):
-            torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
             stage = f"reference {k + 1}/{membership_references}"
-            references.append(run(gold, retrain_epochs or gold.epochs, stage, seed + 1000 + k)[0])
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+                torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
+                built = run(gold, retrain_epochs or gold.epochs, stage, seed + 1000 + k)
+            references.append(built[0])
         scored = {"before": model, "after": unlearned}
         if retrained is not None:
             scored["retrain"] = retrained

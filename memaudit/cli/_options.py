@@ -20,7 +20,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, first_problem
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,8 @@ class Group:
         try:
             return self.model.model_validate(given)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = self.flag(str(first["loc"][0])) if first["loc"] else self.what
-            what = str(first.get("ctx", {}).get("error", first["msg"]))
+            loc, what = first_problem(err)
+            where = self.flag(loc[0]) if loc else self.what
             raise MemauditError(f"invalid {self.what} {where}: {what}") from None
 
     def _annotation(self, name: str, info: FieldInfo) -> Any:
