@@ -1,13 +1,21 @@
 """Unlearning on the label-noise testbed: every method side by side, against retraining.
 
-Flags the testbed's noisy ids, runs each unlearning method on the trained model, and compares it
-with the reference measured in the same run: a model retrained from scratch without the flagged
-ids (the gold standard). Also measures example-tied dropout's overhead: the training step time
-with and without it, and its memory for 1M example ids.
+For each forget kind the testbed writes (``forget_KIND.txt``: mislabeled, mislabeled-part,
+random-1, random-10, class) and each seed, runs every registered unlearning method on the
+trained model and compares it with the yardstick measured on the same ids: a model retrained
+from scratch without them, and the membership test (:mod:`memaudit.membership`) against
+reference models trained without them (enough that TPR at 1% FPR resolves). Seed 0 uses the
+testbed's file; other seeds draw the same kind afresh (mislabeled is the same set) and seed the
+methods, the retraining and the references. Retrained models are cached in ``--cache``;
+results are written after every (kind, seed), and ``--resume`` continues an interrupted run.
 
-    .venv/bin/python benchmarks/bench_unlearn.py --testbed /tmp/tb30
+    .venv/bin/python benchmarks/bench_unlearn.py --testbed memaudit-demo/testbed --seeds 3
+    .venv/bin/python benchmarks/bench_unlearn.py --forget random-1 --seeds 1
+    .venv/bin/python benchmarks/bench_unlearn.py --overhead-only
 
-Prints a rich table and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothing.
+``--overhead-only`` measures example-tied dropout's training-step time with and without it, and
+its memory for 1M example ids. Prints tables (mean ± sd over seeds; ``--markdown`` for the
+README) and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -28,11 +37,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memaudit import load_dataset, load_model, read_ids
+from memaudit import load_dataset, load_model, read_ids, save_model
 from memaudit.dropout import bind_ids, dropout_layers, insert_dropout
 from memaudit.models import Classifier
-from memaudit.schema import UnlearnScores
-from memaudit.schema._unlearn import accuracy_gap
+from memaudit.schema import UnlearnReport
+from memaudit.testbed import FORGET_KINDS, forget_sets
 from memaudit.unlearn import METHODS, fresh_copy, unlearn
 
 console = Console(stderr=True)
@@ -132,32 +141,176 @@ def print_overhead(overhead: dict[str, Any]) -> None:
     )
 
 
-def _row(
-    name: str,
-    scores: UnlearnScores,
-    seconds: float | None,
-    ref: UnlearnScores | None,
-    ref_seconds: float | None,
-) -> dict[str, Any]:
+KINDS = tuple(FORGET_KINDS)
+FIGURES = (
+    ("flagged", "flagged acc"),
+    ("retained", "retained acc"),
+    ("test", "test acc"),
+    ("auc", "MIA AUC"),
+    ("tpr1", "TPR@1%FPR"),
+    ("gap", "avg gap"),
+    ("seconds", "seconds"),
+)
+
+
+def forget_ids(tb: Path, kind: str, seed: int, train: Any) -> list[int]:
+    """The forget ids of ``kind`` for ``seed``: the testbed's file for seed 0, a fresh draw of the
+    same kind (:func:`memaudit.testbed.forget_sets`) for other seeds. ``mislabeled`` is the same
+    set for every seed."""
+    info = json.loads((tb / "testbed.json").read_text())
+    path = tb / f"forget_{kind}.txt"
+    if seed == 0 and path.exists():
+        return read_ids(path)
+    noisy = torch.as_tensor(train.rows(read_ids(tb / "noisy_ids.txt")))
+    rows = forget_sets(train.labels, noisy, seed=info["config"]["seed"] + seed)[kind]
+    ids = train.ids[rows] if train.ids is not None else rows
+    return [int(i) for i in ids.tolist()]
+
+
+def n_references(n_ids: int) -> int:
+    """Enough references that TPR at 1% FPR is resolvable: ``K * n >= 100`` negatives, K >= 2."""
+    return max(2, math.ceil(100 / n_ids))
+
+
+def yardstick(
+    model: Classifier, train: Any, test: Any, ids: list[int], *, seed: int, cache: Path, kind: str
+) -> tuple[Classifier, list[Classifier], float]:
+    """The retrained model and the membership references for these ids, cached on disk."""
+    where = cache / f"{kind}-seed{seed}"
+    meta = where / "yardstick.json"
+    if meta.exists() and json.loads(meta.read_text())["ids"] == ids:
+        saved = json.loads(meta.read_text())
+        refs = [load_model(where / f"reference_{k}.safetensors") for k in range(saved["k"])]
+        return load_model(where / "retrain.safetensors"), refs, saved["retrain_seconds"]
+    k = n_references(len(ids))
+    console.print(f"  retraining + {k} membership references without the {len(ids)} ids ...")
+    gold = unlearn(
+        model,
+        train,
+        ids,
+        test=test,
+        method="retrain",
+        membership_references=k,
+        seed=seed,
+        device="cpu",
+    )
+    where.mkdir(parents=True, exist_ok=True)
+    save_model(gold.model, where / "retrain.safetensors")
+    for j, ref in enumerate(gold.references):
+        save_model(ref, where / f"reference_{j}.safetensors")
+    seconds = gold.report.seconds
+    meta.write_text(json.dumps({"ids": ids, "k": k, "retrain_seconds": seconds}))
+    return gold.model, list(gold.references), seconds
+
+
+def figures(report: UnlearnReport, which: str) -> dict[str, float | None]:
+    """One row's figures: accuracies, the membership test after unlearning, the average gap."""
+    scores = {"before": report.before, "after": report.after, "retrain": report.retrain}[which]
+    assert scores is not None and report.membership is not None
+    member = getattr(report.membership, which)
+    gap = report.average_gap() if which == "after" else None
+    if which == "retrain":
+        gap = 0.0
     return {
-        "method": name,
-        **scores.model_dump(),
-        "seconds": None if seconds is None else round(seconds, 2),
-        "time_vs_retrain": None
-        if seconds is None or not ref_seconds
-        else round(seconds / ref_seconds, 3),
-        "gap_to_retrain": None if ref is None else round(accuracy_gap(scores, ref), 4),
+        "flagged": scores.flagged_accuracy,
+        "retained": scores.retained_accuracy,
+        "test": scores.test_accuracy,
+        "auc": member.auc.value,
+        "tpr1": member.tpr_at_1pct_fpr.value,
+        "gap": gap,
+        "seconds": report.seconds if which == "after" else None,
     }
+
+
+def run_one(
+    tb: Path, kind: str, seed: int, methods: list[str], cache: Path, loaded: tuple[Any, ...]
+) -> dict[str, dict[str, float | None]]:
+    model, train, test = loaded
+    ids = forget_ids(tb, kind, seed, train)
+    retrained, refs, retrain_seconds = yardstick(
+        model, train, test, ids, seed=seed, cache=cache, kind=kind
+    )
+    rows: dict[str, dict[str, float | None]] = {}
+    for method in methods:
+        console.print(f"  {escape(method)} ...")
+        result = unlearn(
+            model,
+            train,
+            ids,
+            test=test,
+            method=method,
+            retrained=retrained,
+            references=refs,
+            seed=seed,
+            device="cpu",
+        )
+        if not rows:
+            rows["original model"] = figures(result.report, "before")
+            rows["retrain"] = {**figures(result.report, "retrain"), "seconds": retrain_seconds}
+        rows[method] = figures(result.report, "after")
+    return rows
+
+
+def _mean_sd(values: list[float | None]) -> tuple[float, float] | None:
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize_runs(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean and sd over seeds of every figure, per kind and method."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, by_seed in runs.items():
+        methods = list(next(iter(by_seed.values())))
+        out[kind] = {
+            m: {key: _mean_sd([by_seed[s][m][key] for s in by_seed]) for key, _ in FIGURES}
+            for m in methods
+        }
+    return out
+
+
+def _cell(key: str, value: tuple[float, float] | None) -> str:
+    if value is None:
+        return "-"
+    mean, sd = value
+    if key == "seconds":
+        return f"{mean:.1f} ± {sd:.1f}"
+    if key == "auc":
+        return f"{mean:.3f} ± {sd:.3f}"
+    return f"{100 * mean:.1f} ± {100 * sd:.1f}"
+
+
+def print_tables(summary: dict[str, Any], seeds: dict[str, int], markdown: bool) -> None:
+    for kind, rows in summary.items():
+        title = f"forget '{kind}' ({seeds[kind]} seeds, mean ± sd)"
+        if markdown:
+            print(f"\n**{kind}** ({seeds[kind]} seeds)\n")
+            print("| method | " + " | ".join(label for _, label in FIGURES) + " |")
+            print("|---|" + "---:|" * len(FIGURES))
+            for m, figs in rows.items():
+                print(f"| {m} | " + " | ".join(_cell(k, figs[k]) for k, _ in FIGURES) + " |")
+            continue
+        table = Table(title=title)
+        table.add_column("method")
+        for _, label in FIGURES:
+            table.add_column(label, justify="right")
+        for m, figs in rows.items():
+            table.add_row(escape(m), *(_cell(k, figs[k]) for k, _ in FIGURES))
+        Console().print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--testbed", default="/tmp/tb30")
+    parser.add_argument("--testbed", default="memaudit-demo/testbed")
+    parser.add_argument("--forget", default="all", help=f"a kind ({', '.join(KINDS)}) or 'all'")
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "retrain"))
-    parser.add_argument("--retrain-epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--no-variants", action="store_true", help="skip the tie-all ETD row")
+    parser.add_argument("--cache", default="/tmp/memaudit-bench-unlearn", help="retrained models")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     parser.add_argument(
         "--overhead-only",
         action="store_true",
@@ -170,93 +323,46 @@ def main() -> None:
     model = load_model(tb / "model.safetensors")
     train = load_dataset(tb / "data.npz", split="train", model=model)
     test = load_dataset(tb / "data.npz", split="test", model=model)
-    flagged = train.rows(read_ids(tb / "noisy_ids.txt"))
-
     out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.overhead_only:
         overhead = measure_overhead(model, train, steps=args.steps)
         print_overhead(overhead)
-        saved = json.loads(out.read_text()) if out.exists() else {}
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**saved, "etd_overhead": overhead}, indent=2))
         console.print(f"updated etd_overhead in {out}")
         return
-    rows: list[dict[str, Any]] = []
-    reports: dict[str, Any] = {}
-    console.print("retraining from scratch without the flagged ids (reference) ...")
-    gold = unlearn(
-        model, train, flagged, test=test, method="retrain", epochs=args.retrain_epochs, device="cpu"
-    )
-    ref, ref_s = gold.report.after, gold.report.seconds
-    rows.append(_row("original model", gold.report.before, None, ref, ref_s))
-    rows.append(_row("retrain", ref, ref_s, ref, ref_s))
-    reports["retrain"] = json.loads(gold.report.model_dump_json())
-    runs: list[tuple[str, str, dict[str, Any] | None]] = [
-        (m, m, None) for m in args.methods.split(",") if m
-    ]
-    if not args.no_variants and "example-tied-dropout" in args.methods:
-        # the paper's training-time recipe as an unlearning step: every row tied, p_gen 0.2
-        runs.append(
-            (
-                "example-tied-dropout [tie all, p_gen 0.2]",
-                "example-tied-dropout",
-                {"tie": "all", "p_gen": 0.2},
+    kinds = KINDS if args.forget == "all" else tuple(args.forget.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if args.resume else {}
+    cache = Path(args.cache)
+    for kind in kinds:
+        for seed in range(args.seeds):
+            if str(seed) in runs.get(kind, {}):
+                continue
+            console.print(f"forget '{kind}', seed {seed}:")
+            start = time.perf_counter()
+            done = run_one(tb, kind, seed, methods, cache, (model, train, test))
+            runs.setdefault(kind, {})[str(seed)] = done
+            console.print(f"  {time.perf_counter() - start:.0f} s")
+            summary = summarize_runs(runs)
+            out.write_text(  # after every run: an interrupted benchmark resumes from here
+                json.dumps(
+                    {
+                        **{k: v for k, v in saved.items() if k == "etd_overhead"},
+                        "testbed": str(tb),
+                        "methods": methods,
+                        "threads": args.threads,
+                        "machine": platform.processor() or platform.machine(),
+                        "torch": torch.__version__,
+                        "runs": runs,
+                        "summary": summary,
+                    },
+                    indent=2,
+                )
             )
-        )
-    for label, method, options in runs:
-        console.print(f"unlearning with {escape(label)} ...")
-        result = unlearn(
-            model, train, flagged, test=test, method=method, options=options, device="cpu"
-        )
-        rows.append(_row(label, result.report.after, result.report.seconds, ref, ref_s))
-        reports[label] = json.loads(result.report.model_dump_json())
-
-    overhead = measure_overhead(model, train, steps=args.steps)
-
-    table = Table(title=f"unlearning {len(flagged)} flagged ids ({tb})")
-    for col in (
-        "method",
-        "flagged acc",
-        "retained acc",
-        "test acc",
-        "MIA AUC",
-        "seconds",
-        "vs retrain time",
-        "gap to retrain",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(escape(r["method"]), escape(r["error"][:60]), *[""] * 6)
-            continue
-        table.add_row(
-            escape(r["method"]),
-            f"{r['flagged_accuracy']:.1%}",
-            f"{r['retained_accuracy']:.1%}",
-            f"{r['test_accuracy']:.1%}",
-            f"{r['mia_auc']:.3f}",
-            "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
-            "-" if r["time_vs_retrain"] is None else f"{r['time_vs_retrain']:.0%}",
-            f"{r['gap_to_retrain']:.1%}",
-        )
-    Console().print(table)
-    print_overhead(overhead)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "testbed": str(tb),
-                "n_flagged": len(flagged),
-                "threads": args.threads,
-                "machine": platform.processor() or platform.machine(),
-                "torch": torch.__version__,
-                "rows": rows,
-                "etd_overhead": overhead,
-                "reports": reports,
-            },
-            indent=2,
-        )
-    )
+    summary = summarize_runs({k: v for k, v in runs.items() if k in kinds})
+    print_tables(summary, {k: len(runs[k]) for k in summary}, args.markdown)
     console.print(f"wrote {out}")
 
 

@@ -23,7 +23,7 @@ from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
 from memaudit.membership import attack, summarize
 from memaudit.models import FAMILIES, Classifier, build_model
-from memaudit.schema import UnlearnReport, UnlearnScores
+from memaudit.schema import Membership, UnlearnReport, UnlearnScores
 from memaudit.schema._inputs import Preflight
 from memaudit.units import zero_unit_weights
 
@@ -75,6 +75,7 @@ class UnlearnResult:
     model: Classifier
     report: UnlearnReport
     retrained: Classifier | None = None
+    references: tuple[Classifier, ...] = ()
 
 
 METHODS: dict[str, UnlearnMethod] = {}
@@ -341,6 +342,7 @@ def unlearn(
     retrain_epochs: int | None = None,
     membership_references: int = 0,
     retrained: Classifier | None = None,
+    references: Sequence[Classifier] = (),
     device: str | torch.device = "auto",
     on_progress: Callable[[UnlearnStep], None] | None = None,
     preflight: Preflight | None = None,
@@ -357,7 +359,9 @@ def unlearn(
     seeds) and the membership test of :mod:`memaudit.membership` runs on the model before and
     after (and retrained): the report's ``membership`` block. ``retrained``: a reference the
     user already has (trained without the flagged ids), used instead of retraining here; its
-    architecture and class count must be the model's.
+    architecture and class count must be the model's. ``references``: membership reference
+    models the caller already has (e.g. ``UnlearnResult.references`` of an earlier run on the
+    same ids), used instead of training ``membership_references`` new ones.
 
     Example:
         >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
@@ -366,8 +370,15 @@ def unlearn(
     chosen = _method(method)
     opts = _options(chosen, options)
     given = retrained
-    if given is not None:
-        _check_reference(model, given)
+    for reference in (given, *references):
+        if reference is not None:
+            _check_reference(model, reference)
+    if references and membership_references:
+        raise MemauditError(
+            "pass either membership_references (models to train) or references (models you "
+            "have), not both"
+        )
+    membership_references = membership_references or len(references)
     if membership_references == 1 or membership_references < 0:
         raise MemauditError(
             "the membership test needs at least two reference models: pass "
@@ -425,22 +436,23 @@ def unlearn(
             .float()
             .mean()
         )
-    membership = None
+    membership: Membership | None = None
+    refs: list[Classifier] = []
     if membership_references:
         gold = METHODS["retrain"]
-        references = []
-        for k in range(membership_references):
+        refs = list(references)
+        for k in range(len(refs), membership_references):
             stage = f"reference {k + 1}/{membership_references}"
             with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
                 torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
                 built = run(gold, retrain_epochs or gold.epochs, stage, seed + 1000 + k)
-            references.append(built[0])
+            refs.append(built[0])
         scored = {"before": model, "after": unlearned}
         if retrained is not None:
             scored["retrain"] = retrained
-        found = attack(scored, references, train_set, rows, device=dev, seed=seed)
+        found = attack(scored, refs, train_set, rows, device=dev, seed=seed)
         ids_of = train_set.ids[rows] if train_set.ids is not None else rows
-        membership = summarize(found, ids_of.tolist(), len(references))
+        membership = summarize(found, ids_of.tolist(), len(refs))
     report = UnlearnReport(
         method=method,
         settings={
@@ -466,4 +478,9 @@ def unlearn(
         preflight=preflight,
         membership=membership,
     )
-    return UnlearnResult(model=unlearned.cpu(), report=report, retrained=retrained)
+    return UnlearnResult(
+        model=unlearned.cpu(),
+        report=report,
+        retrained=retrained,
+        references=tuple(refs),
+    )

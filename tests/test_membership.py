@@ -140,6 +140,19 @@ def test_unlearn_runs_the_membership_test_before_and_after() -> None:
     assert m.before.tpr_at_1pct_fpr.value is None  # 64 negatives cannot resolve 1% FPR
     said = " ".join(unlearn_sentences([result.report]))
     assert "Membership test against 2 models trained without the flagged ids" in said
+    # the references come back, and a second method on the same ids reuses them as they are
+    assert len(result.references) == 2
+    again = unlearn(
+        member,  # type: ignore[arg-type]
+        data,
+        list(range(32)),
+        method="retrain",
+        batch_size=16,
+        references=result.references,
+        device="cpu",
+    )
+    assert again.report.membership is not None
+    assert again.report.membership.before == m.before and again.references == result.references
     assert "membership AUC" in render_markdown(result.report)
     with pytest.raises(MemauditError, match="at least two reference"):
         unlearn(member, data, [0], method="finetune", membership_references=1)  # type: ignore[arg-type]
