@@ -211,12 +211,9 @@ def check_plan(plan: AuditPlan) -> None:
             raise MemauditError(
                 f"{name} gates the model after unlearning; drop --no-unlearn or the gate"
             )
-    options = plan.unlearn_options
-    if plan.max_gap_to_retrain is not None and not (
-        options.get("compare_retrain") or options.get("retrained") is not None
-    ):
+    if plan.max_gap_to_retrain is not None and not plan.unlearn.compare_retrain:
         raise MemauditError("--max-gap-to-retrain needs a reference: add --compare-retrain")
-    if plan.max_membership_tpr is not None and int(options.get("membership_references", 0)) < 2:
+    if plan.max_membership_tpr is not None and plan.unlearn.membership_references < 2:
         raise MemauditError(
             "--max-membership-tpr needs the membership test: add --membership-references 2"
         )
@@ -254,11 +251,10 @@ def _unlearn(
         train,
         ids,
         test=test,
-        method=plan.unlearn_method,
+        settings=plan.unlearn,
         device=device,
         on_progress=on_progress,
         preflight=preflight,
-        **plan.unlearn_options,
     )
     return result.model, result.report
 

@@ -23,7 +23,7 @@ from memaudit.localize import scan, scan_settings
 from memaudit.localize._scan import Progress
 from memaudit.models import Classifier, load_model
 from memaudit.preflight import preflight
-from memaudit.schema import Preflight, ScanReport, ScanSettings
+from memaudit.schema import Preflight, ScanReport, ScanSettings, UnlearnSettings
 from memaudit.unlearn import UnlearnResult, unlearn
 
 
@@ -106,9 +106,11 @@ class Auditor:
         )
 
     def unlearn(
-        self, ids: Sequence[int], *, method: str = "example-tied-dropout", **options: Any
+        self, ids: Sequence[int], settings: UnlearnSettings | None = None, **options: Any
     ) -> UnlearnResult:
-        """Remove what the model memorized about ``ids``; see :func:`memaudit.unlearn.unlearn`.
+        """Remove what the model memorized about ``ids``; see :func:`memaudit.unlearn.unlearn`
+        (``options``: the fields of :class:`~memaudit.schema.UnlearnSettings`, ``retrained``,
+        ``references``, ``on_progress``).
 
         Returns the unlearned model (``.model``) and the before/after report (``.report``).
         """
@@ -117,7 +119,7 @@ class Auditor:
             self.train,
             ids,
             test=self.test,
-            method=method,
+            settings=settings,
             device=self.device,
             preflight=self.preflight(ids),
             **options,
@@ -126,7 +128,7 @@ class Auditor:
     def audit(self, ids: Sequence[int], **options: Any) -> AuditResult:
         """Scan ``ids``, unlearn them, re-scan: one :class:`AuditReport` (``.report``).
 
-        ``options`` are the fields of :class:`~memaudit.schema.AuditPlan` (``unlearn_method``,
+        ``options`` are the fields of :class:`~memaudit.schema.AuditPlan` (``unlearn``,
         gates, ...) and the other keywords of :func:`memaudit.audit.audit`.
         """
         plan, rest = audit_plan(**options)

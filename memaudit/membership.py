@@ -17,7 +17,8 @@ samples and a calibration constant per setting; with two references LiRA needs n
 
 Evaluation: the audited model's scores of the flagged ids are the positives; each reference in
 turn, scored against the others, gives the negatives (the same ids under a model that never saw
-them). Reported: ROC AUC and TPR at 1% and 0.1% FPR, with bootstrap intervals over the ids.
+them). Reported: ROC AUC and TPR at 1% and 0.1% FPR, with bootstrap intervals over the ids, the
+ROC curve on a log-FPR grid, and each id's score.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from memaudit.data import ImageDataset
 from memaudit.engine import logits_of
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
-from memaudit.schema import IdScore, Membership, MembershipFigures
+from memaudit.schema import IdScore, Membership, MembershipFigures, RocCurve
 from memaudit.schema import Interval as SchemaInterval
 
 FPRS = (0.01, 0.001)
@@ -76,6 +77,7 @@ class AttackResult:
     scores: torch.Tensor  # [n] membership score of each flagged id under the model
     auc: Interval
     tpr: dict[float, Interval]  # FPR -> TPR
+    roc: tuple[torch.Tensor, torch.Tensor]  # (FPR, TPR) at the points of :func:`roc_curve`
 
 
 def roc_auc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
@@ -99,6 +101,25 @@ def tpr_at(positives: torch.Tensor, negatives: torch.Tensor, fpr: float) -> floa
     allowed = int(fpr * negatives.numel())  # negatives that may score above the threshold
     threshold = ordered[min(allowed, negatives.numel() - 1)]
     return float((positives > threshold).double().mean())
+
+
+def roc_curve(
+    positives: torch.Tensor, negatives: torch.Tensor, *, points: int = 40
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ROC curve at ``points`` FPRs spaced evenly on a log scale from the smallest the
+    negatives resolve (``1 / n``) to 1, plus FPR 0: ``(fpr, tpr)``, each ``[<= points + 1]``.
+    The TPR at each FPR is :func:`tpr_at`'s (the threshold that lets through at most that
+    share of the negatives)."""
+    n = negatives.numel()
+    if not positives.numel() or not n:
+        return torch.zeros(0), torch.zeros(0)
+    grid = torch.logspace(-math.log10(n), 0, points, dtype=torch.float64)
+    allowed = (grid * n + 1e-9).floor().long().unique()  # negatives let through at each point
+    ordered = negatives.double().sort(descending=True).values
+    thresholds = torch.cat([ordered, ordered[-1:] - 1])[allowed.clamp_max(n)]
+    tpr = (positives.double()[:, None] > thresholds[None, :]).double().mean(0)
+    fpr = (negatives.double()[:, None] > thresholds[None, :]).double().mean(0)
+    return torch.cat([fpr.new_zeros(1), fpr]), torch.cat([tpr.new_zeros(1), tpr])
 
 
 def evaluate(
@@ -153,7 +174,7 @@ def attack(
         own = torch.tensor([r is not model for r in references])  # never its own yardstick
         scores = lira_scores(margins(model, data, rows, device=device), ref[own])
         auc, tpr = evaluate(scores, negatives, seed=seed)
-        out[name] = AttackResult(scores, auc, tpr)
+        out[name] = AttackResult(scores, auc, tpr, roc_curve(scores, negatives.flatten()))
     return out
 
 
@@ -168,20 +189,25 @@ def summarize(found: dict[str, AttackResult], ids: Sequence[int], n_references: 
         return SchemaInterval(value=num(value.value), low=num(value.low), high=num(value.high))
 
     def figures(result: AttackResult) -> MembershipFigures:
+        fpr, tpr = result.roc
         return MembershipFigures(
             auc=interval(result.auc),
             tpr_at_1pct_fpr=interval(result.tpr[0.01]),
             tpr_at_01pct_fpr=interval(result.tpr[0.001]),
+            roc=RocCurve(fpr=fpr.tolist(), tpr=tpr.tolist()),
         )
 
-    before, after = found["before"], found["after"]
+    before, after, retrain = found["before"], found["after"], found.get("retrain")
+    ref = retrain.scores.tolist() if retrain is not None else [None] * len(ids)
     return Membership(
         n_references=n_references,
         before=figures(before),
         after=figures(after),
-        retrain=figures(found["retrain"]) if "retrain" in found else None,
+        retrain=figures(retrain) if retrain is not None else None,
         scores=[
-            IdScore(id=int(i), before=float(b), after=float(a))
-            for i, b, a in zip(ids, before.scores.tolist(), after.scores.tolist(), strict=True)
+            IdScore(id=int(i), before=float(b), after=float(a), retrain=r)
+            for i, b, a, r in zip(
+                ids, before.scores.tolist(), after.scores.tolist(), ref, strict=True
+            )
         ],
     )

@@ -22,7 +22,7 @@ from memaudit.engine import pick_device
 from memaudit.errors import MemauditError, validation_problem
 from memaudit.models import Classifier, load_model
 from memaudit.preflight import preflight
-from memaudit.schema import AuditPlan, Grouping, Report, ScanSettings
+from memaudit.schema import AuditPlan, Grouping, Report, ScanSettings, UnlearnSettings
 from memaudit.testbed import TestbedConfig, TestbedResult, build_testbed, load_testbed
 
 Stage = Callable[[str], None]
@@ -240,10 +240,11 @@ def _audit(
     ids = noisy[: cfg.noisy] if cfg.noisy else noisy
     plan = AuditPlan(
         scan=cfg.scan,
-        unlearn_method=cfg.unlearn or "example-tied-dropout",
+        unlearn=UnlearnSettings(
+            method=cfg.unlearn or "example-tied-dropout", compare_retrain=cfg.compare_retrain
+        ),
         no_unlearn=cfg.unlearn is None,
         compare=cfg.clean,
-        unlearn_options={"compare_retrain": cfg.compare_retrain},
     )
     checked = preflight(model, train, train.rows(ids), test=test, device=pick_device(device))
     result = audit(

@@ -19,11 +19,11 @@ import torch
 
 from memaudit.data import ImageDataset, complement, validate_rows
 from memaudit.engine import EpochEnd, evaluate, fit, pick_device, predict
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validated
 from memaudit.localize import flip_units
 from memaudit.membership import attack, summarize
 from memaudit.models import FAMILIES, Classifier, build_model
-from memaudit.schema import Membership, UnlearnReport, UnlearnScores
+from memaudit.schema import Membership, UnlearnReport, UnlearnScores, UnlearnSettings
 from memaudit.schema._inputs import Preflight
 from memaudit.units import zero_unit_weights
 
@@ -316,8 +316,8 @@ def _method(name: str) -> UnlearnMethod:
     return METHODS[name]
 
 
-def _options(method: UnlearnMethod, options: Mapping[str, Option] | None) -> dict[str, Option]:
-    given = dict(options or {})
+def _options(method: UnlearnMethod, options: Mapping[str, Option]) -> dict[str, Option]:
+    given = dict(options)
     unknown = sorted(set(given) - set(method.options))
     if unknown:
         raise MemauditError(
@@ -326,60 +326,63 @@ def _options(method: UnlearnMethod, options: Mapping[str, Option] | None) -> dic
     return {**method.options, **given}
 
 
+def unlearn_settings(base: UnlearnSettings | None = None, **overrides: Any) -> UnlearnSettings:
+    """``base`` (or the defaults) with ``overrides``, validated; one-line errors."""
+    values = {**(base or UnlearnSettings()).model_dump(), **overrides}
+    return validated(UnlearnSettings, values, "unlearning setting")
+
+
 def unlearn(
     model: Classifier,
     train_set: ImageDataset,
     ids: Sequence[int],
     *,
     test: ImageDataset | None = None,
-    method: str = "example-tied-dropout",
-    epochs: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 128,
-    options: Mapping[str, Option] | None = None,
-    seed: int = 0,
-    compare_retrain: bool = False,
-    retrain_epochs: int | None = None,
-    membership_references: int = 0,
+    settings: UnlearnSettings | None = None,
     retrained: Classifier | None = None,
     references: Sequence[Classifier] = (),
     device: str | torch.device = "auto",
     on_progress: Callable[[UnlearnStep], None] | None = None,
     preflight: Preflight | None = None,
+    **overrides: Any,
 ) -> UnlearnResult:
     """Remove what ``model`` memorized about example ``ids`` of ``train_set``; measure it.
 
-    ``model`` is left unchanged; the result holds a new plain model. ``epochs`` / ``lr`` default
-    to the method's own (see :data:`METHODS`); ``options`` are method-specific (ETD: ``p_gen``,
-    ``p_mem``, ``rows``). With ``compare_retrain`` a model is also retrained from scratch without
-    the flagged rows and measured (the report's ``retrain`` block). ``preflight``: the check of
-    ``model`` on this data (:func:`memaudit.preflight.preflight`, which ``Auditor.unlearn`` and
-    the CLI run first), recorded in the report. With ``membership_references`` (K >= 2), K
-    models are trained from scratch without the flagged rows (the retraining recipe, other
-    seeds) and the membership test of :mod:`memaudit.membership` runs on the model before and
-    after (and retrained): the report's ``membership`` block. ``retrained``: a reference the
-    user already has (trained without the flagged ids), used instead of retraining here; its
-    architecture and class count must be the model's. ``references``: membership reference
-    models the caller already has (e.g. ``UnlearnResult.references`` of an earlier run on the
-    same ids), used instead of training ``membership_references`` new ones.
+    ``model`` is left unchanged; the result holds a new plain model. ``settings`` (an
+    :class:`~memaudit.schema.UnlearnSettings`, whose fields may also be given as keywords:
+    ``method``, ``epochs``, ``lr``, ``options``, ``seed``, ...) say how: ``epochs`` / ``lr``
+    default to the method's own (see :data:`METHODS`). With ``compare_retrain`` a model is also
+    retrained from scratch without the flagged rows and measured (the report's ``retrain``
+    block). ``preflight``: the check of ``model`` on this data
+    (:func:`memaudit.preflight.preflight`, which ``Auditor.unlearn`` and the CLI run first),
+    recorded in the report. With ``membership_references`` (K >= 2), K models are trained from
+    scratch without the flagged rows (the retraining recipe, other seeds) and the membership
+    test of :mod:`memaudit.membership` runs on the model before and after (and retrained): the
+    report's ``membership`` block. ``retrained``: a reference the user already has (trained
+    without the flagged ids), used instead of retraining here; its architecture and class
+    count must be the model's. ``references``: membership reference models the caller already
+    has (e.g. ``UnlearnResult.references`` of an earlier run on the same ids), used instead of
+    training ``membership_references`` new ones.
 
     Example:
         >>> result = unlearn(model, train, [3, 17], test=test, method="finetune", epochs=1)
         >>> result.report.after.flagged_accuracy  # doctest: +SKIP
     """
+    cfg = unlearn_settings(settings, **overrides)
+    method, seed, batch_size, lr = cfg.method, cfg.seed, cfg.batch_size, cfg.lr
     chosen = _method(method)
-    opts = _options(chosen, options)
+    opts = _options(chosen, cfg.options)
     given = retrained
     for reference in (given, *references):
         if reference is not None:
             _check_reference(model, reference)
-    if references and membership_references:
+    if references and cfg.membership_references:
         raise MemauditError(
             "pass either membership_references (models to train) or references (models you "
             "have), not both"
         )
-    membership_references = membership_references or len(references)
-    if membership_references == 1 or membership_references < 0:
+    membership_references = cfg.membership_references or len(references)
+    if membership_references == 1:
         raise MemauditError(
             "the membership test needs at least two reference models: pass "
             "--membership-references 2 or more (0: no membership test)"
@@ -417,15 +420,15 @@ def unlearn(
 
     step("measure", 0, 2)
     before = measure(model, train_set, rows, retained, test=test, device=dev)
-    n_epochs = chosen.epochs if epochs is None else epochs
+    n_epochs = chosen.epochs if cfg.epochs is None else cfg.epochs
     unlearned, seconds = run(chosen, n_epochs, "unlearn")
     step("measure", 1, 2)
     after = measure(unlearned, train_set, rows, retained, test=test, device=dev)
     step("measure", 2, 2)
     retrain_scores, retrain_seconds, agreement = None, None, None
-    if compare_retrain and retrained is None:
+    if cfg.compare_retrain and retrained is None:
         gold = METHODS["retrain"]
-        retrained, retrain_seconds = run(gold, retrain_epochs or gold.epochs, "retrain")
+        retrained, retrain_seconds = run(gold, cfg.retrain_epochs or gold.epochs, "retrain")
     if retrained is not None:
         retrain_scores = measure(retrained, train_set, rows, retained, test=test, device=dev)
         agreement = float(
@@ -445,7 +448,7 @@ def unlearn(
             stage = f"reference {k + 1}/{membership_references}"
             with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
                 torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
-                built = run(gold, retrain_epochs or gold.epochs, stage, seed + 1000 + k)
+                built = run(gold, cfg.retrain_epochs or gold.epochs, stage, seed + 1000 + k)
             refs.append(built[0])
         scored = {"before": model, "after": unlearned}
         if retrained is not None:

@@ -20,10 +20,10 @@ from memaudit.errors import MemauditError
 from memaudit.models import DataRef, Preprocess, build_model, save_model
 from memaudit.render.html import read_html
 from memaudit.render.markdown import md, render_markdown
-from memaudit.schema import AuditReport, ReportError
+from memaudit.schema import AuditReport, ReportError, UnlearnSettings
 
 FLAGGED = [1, 4, 7, 9]
-FAST = {"epochs": 1}
+FAST = {"epochs": 1}  # unlearning settings that keep tests fast
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,8 +88,7 @@ def _sha(path: Path) -> str:
 def test_audit_scans_unlearns_and_rescans(bed: dict[str, Path]) -> None:
     result = _auditor(bed).audit(
         FLAGGED,
-        unlearn_method="finetune",
-        unlearn_options=FAST,
+        unlearn=UnlearnSettings(method="finetune", **FAST),
         compare=3,
         max_localized_fraction=1.0,
         flagged_file=bed["ids"],

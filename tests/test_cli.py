@@ -192,7 +192,7 @@ def test_demo_reuses_a_built_testbed(
 def test_every_scan_setting_is_an_option_of_scan_and_audit() -> None:
     """Options are declared once, as fields: a new setting reaches every command that takes it."""
     from memaudit.cli._common import LoadOptions
-    from memaudit.schema import ScanSettings
+    from memaudit.schema import ScanSettings, UnlearnSettings
 
     def flags(path: tuple[str, ...]) -> set[str]:
         command = typer.main.get_command(app)
@@ -207,9 +207,18 @@ def test_every_scan_setting_is_an_option_of_scan_and_audit() -> None:
     for path in (("unlearn",), ("probe", "gradients"), ("probe", "rewind"), ("probe", "retrain")):
         assert load_flags <= flags(path), path
     assert "--no-prune" in flags(("scan",))
+    unlearn_flags = {"--" + f.replace("_", "-") for f in UnlearnSettings.model_fields}
+    unlearn_flags -= {"--options"}  # method-specific: Python and recipes
+    assert unlearn_flags <= flags(("unlearn",))
+    assert unlearn_flags - {"--seed", "--batch-size"} <= flags(("audit",))  # the scan's there
 
 
 def test_a_bad_generated_option_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["scan", "m.pt", "--flagged", "ids.txt", "--max-units", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-units" in err and len(err.strip().splitlines()) == 1
+    argv = ["unlearn", "m.pt", "--flagged", "ids.txt", "--out-model", "u.safetensors"]
+    assert main([*argv, "--membership-references", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--membership-references" in err and "at least two" in err
+    assert len(err.strip().splitlines()) == 1

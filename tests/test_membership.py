@@ -12,7 +12,15 @@ import torch
 from memaudit.data import ImageDataset
 from memaudit.engine import fit
 from memaudit.errors import MemauditError
-from memaudit.membership import attack, evaluate, lira_scores, margins, roc_auc, tpr_at
+from memaudit.membership import (
+    attack,
+    evaluate,
+    lira_scores,
+    margins,
+    roc_auc,
+    roc_curve,
+    tpr_at,
+)
 from memaudit.models import build_model
 
 
@@ -40,6 +48,22 @@ def test_auc_and_tpr_match_two_gaussians() -> None:
         expected = 1 - _phi(_normal_quantile(1 - fpr) - d)
         assert tpr_at(pos, neg, fpr) == pytest.approx(expected, abs=0.01)
     assert roc_auc(neg, neg.clone()) == pytest.approx(0.5)
+
+
+def test_the_roc_curve_follows_the_known_answer_from_the_smallest_resolved_fpr() -> None:
+    gen = torch.Generator().manual_seed(1)
+    d = 2.0
+    pos = torch.randn(50_000, generator=gen, dtype=torch.float64) + d
+    neg = torch.randn(20_000, generator=gen, dtype=torch.float64)
+    fpr, tpr = roc_curve(pos, neg, points=30)
+    assert float(fpr[0]) == 0 and float(tpr[0]) == 0 and float(fpr[-1]) == 1 == float(tpr[-1])
+    assert bool((fpr.diff() >= 0).all() and (tpr.diff() >= 0).all())  # monotone
+    assert float(fpr[1]) <= 2 / 20_000  # starts at the smallest FPR the negatives resolve
+    for a, b in zip(fpr[1:-1].tolist(), tpr[1:-1].tolist(), strict=True):
+        if a >= 1e-3:  # where the estimate is tight
+            assert b == pytest.approx(1 - _phi(_normal_quantile(1 - a) - d), abs=0.02)
+    empty = roc_curve(pos, neg[:0])
+    assert empty[0].numel() == 0 and empty[1].numel() == 0
 
 
 def test_bootstrap_intervals_cover_the_truth() -> None:
@@ -138,6 +162,7 @@ def test_unlearn_runs_the_membership_test_before_and_after() -> None:
     assert m.before.auc.value is not None and m.before.auc.value > 0.85
     assert m.after.auc.value is not None and m.after.auc.value < 0.75
     assert m.before.tpr_at_1pct_fpr.value is None  # 64 negatives cannot resolve 1% FPR
+    assert m.before.roc is not None and m.before.roc.fpr[-1] == 1.0
     said = " ".join(unlearn_sentences([result.report]))
     assert "Membership test against 2 models trained without the flagged ids" in said
     # the references come back, and a second method on the same ids reuses them as they are

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from memaudit.membership import AttackResult, evaluate, roc_curve
+from memaudit.membership import summarize as summarize_membership
 from memaudit.render.html import read_html, read_reports, render_fragment, render_html, write_html
-from memaudit.schema import ReportError, ScanReport, UnlearnReport, UnlearnScores
+from memaudit.schema import Membership, ReportError, ScanReport, UnlearnReport, UnlearnScores
 from memaudit.schema._audit import AuditReport, Provenance, gates, verdict
 from memaudit.schema._probes import (
     Accuracies,
@@ -372,3 +375,30 @@ def test_markdown_of_unlearning_alone() -> None:
     text = render_markdown(synthetic_unlearn())
     assert "took flagged accuracy from 100% to 8% (retraining: 5%)" in text
     assert "| flagged accuracy | 1.000 | 0.080 | 0.050 |" in text
+
+
+def _membership(n: int = 120) -> Membership:
+    """A membership block from the real attack summary on synthetic scores (3 negatives/id)."""
+    gen = torch.Generator().manual_seed(0)
+    neg = torch.randn(3, n, generator=gen)
+
+    def result(shift: float) -> AttackResult:
+        pos = torch.randn(n, generator=gen) + shift
+        auc, tpr = evaluate(pos, neg, rounds=20)
+        return AttackResult(pos, auc, tpr, roc_curve(pos, neg.flatten()))
+
+    found = {"before": result(3.0), "after": result(0.2), "retrain": result(0.0)}
+    return summarize_membership(found, list(range(1000, 1000 + n)), 3)
+
+
+def test_unlearn_page_shows_roc_curves_and_per_id_scores() -> None:
+    from memaudit.render.markdown import render_markdown
+
+    report = synthetic_unlearn().model_copy(update={"membership": _membership()})
+    page = render_html(report)
+    assert "Membership test: ROC of the flagged ids" in page
+    assert 'id="membership-table"' in page and ">1000<" in page
+    assert page.count("<tr>") >= 120  # one row per flagged id
+    text = render_markdown(report)
+    assert "| TPR at 1% FPR |" in text and "| average gap to retrain |" in text
+    assert UnlearnReport.model_validate_json(report.model_dump_json()) == report

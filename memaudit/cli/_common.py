@@ -19,7 +19,8 @@ from memaudit.cli._options import Group
 from memaudit.data import ImageDataset, load_dataset, read_ids
 from memaudit.errors import MemauditError, MissingSplitError
 from memaudit.models import Classifier, load_model
-from memaudit.schema import Preflight, ScanSettings
+from memaudit.schema import Preflight, ScanSettings, UnlearnSettings
+from memaudit.unlearn import METHODS
 
 ModelArg = Annotated[
     str,
@@ -81,6 +82,13 @@ class LoadOptions(BaseModel):
 
 LOADING = Group(LoadOptions, "load", "option")
 SCAN = Group(ScanSettings, "settings", "scan setting")
+UNLEARN = Group(
+    UnlearnSettings,
+    "unlearning",
+    "unlearning setting",
+    skip=("options",),
+    notes={"method": "one of: " + ", ".join(METHODS)},
+)
 
 
 def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:

@@ -32,6 +32,7 @@ class Group:
     what: str  # in messages: "invalid {what} ..."
     skip: tuple[str, ...] = ()
     flags: Mapping[str, str] = field(default_factory=dict)  # field -> flag, e.g. "--method"
+    notes: Mapping[str, str] = field(default_factory=dict)  # field -> more help, e.g. choices
 
     def fields(self) -> list[tuple[str, FieldInfo]]:
         return [(n, f) for n, f in self.model.model_fields.items() if n not in self.skip]
@@ -65,6 +66,8 @@ class Group:
         help_text = (info.description or "").rstrip(".")
         if choices:
             help_text += f" (one of: {', '.join(choices)})"
+        if name in self.notes:
+            help_text += f" ({self.notes[name]})"
         flag = self.flag(name)
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
         return Annotated[kind, typer.Option(*decls, help=help_text or None)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -21,6 +22,7 @@ from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     LOADING,
     SCAN,
+    UNLEARN,
     FlaggedOpt,
     LoadOptions,
     ModelArg,
@@ -34,7 +36,7 @@ from memaudit.localize import scan_settings
 from memaudit.render.html import Page, read_html, write_html
 from memaudit.render.markdown import render_markdown
 from memaudit.render.sentences import gate_message
-from memaudit.schema import KINDS, AuditPlan, AuditReport, Report, ScanSettings
+from memaudit.schema import KINDS, AuditPlan, AuditReport, Report, ScanSettings, UnlearnSettings
 from memaudit.schema._audit import StageTime
 
 ARGV: list[str] = []  # the arguments main() was given, for the report's command line
@@ -177,40 +179,22 @@ def _run_audit(auditor: Auditor, ids: list[int], **kw: Any) -> AuditResult:
         return auditor.audit(ids, on_progress=StageBars(bar), **kw)
 
 
-PLAN = Group(
-    AuditPlan,
-    "plan",
-    "audit setting",
-    skip=("scan", "unlearn_options"),
-    flags={"unlearn_method": "--method"},
-)
+PLAN = Group(AuditPlan, "plan", "audit setting", skip=("scan", "unlearn"))
+AUDIT_UNLEARN = dataclasses.replace(UNLEARN, skip=("options", "seed", "batch_size"))  # the scan's
 
 
 @app.command("audit")
-@with_options(LOADING, SCAN, PLAN)
+@with_options(LOADING, SCAN, PLAN, AUDIT_UNLEARN)
 def audit_command(
     model: ModelArg,
     flagged: FlaggedOpt,
     load: LoadOptions,
     settings: ScanSettings,
     plan: AuditPlan,
+    unlearning: UnlearnSettings,
     out_dir: Annotated[
         Path, typer.Option("--out-dir", help="Directory for audit.json, .html, .md and the model.")
     ],
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Unlearning epochs (default: the method's).")
-    ] = None,
-    compare_retrain: Annotated[
-        bool, typer.Option("--compare-retrain", help="Also retrain without the flagged ids (slow).")
-    ] = False,
-    membership_references: Annotated[
-        int,
-        typer.Option(
-            "--membership-references",
-            help="Run the membership test against K models trained without the flagged ids "
-            "(K >= 2); 0: none.",
-        ),
-    ] = 0,
     images: Annotated[
         ImagesMode,
         typer.Option(
@@ -227,14 +211,8 @@ def audit_command(
     started, start = datetime.now(timezone.utc), time.perf_counter()
     writable(out_dir, "--out-dir", folder=True)
     settings = scan_settings(settings)  # the scorer must be registered
-    options: dict[str, Any] = {
-        "seed": settings.seed,
-        "compare_retrain": compare_retrain,
-        "membership_references": membership_references,
-    }
-    if epochs is not None:
-        options["epochs"] = epochs
-    plan = plan.model_copy(update={"scan": settings, "unlearn_options": options})
+    unlearning = unlearning.model_copy(update={"seed": settings.seed})
+    plan = plan.model_copy(update={"scan": settings, "unlearn": unlearning})
     audit_check(plan)  # bad gates fail before loading
     inputs = load_inputs(model, flagged=flagged, options=load)
     ids, auditor = inputs.ids, inputs.auditor

@@ -13,6 +13,7 @@ from rich.table import Table
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
     LOADING,
+    UNLEARN,
     FlaggedOpt,
     LoadOptions,
     ModelArg,
@@ -24,8 +25,14 @@ from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
 from memaudit.models import load_model, save_model
 from memaudit.render.html import write_html
-from memaudit.schema import Interval, MembershipFigures, UnlearnReport, UnlearnScores
-from memaudit.unlearn import METHODS, UnlearnResult, UnlearnStep
+from memaudit.schema import (
+    Interval,
+    MembershipFigures,
+    UnlearnReport,
+    UnlearnScores,
+    UnlearnSettings,
+)
+from memaudit.unlearn import UnlearnResult, UnlearnStep
 
 
 def _pct(value: float | None) -> str:
@@ -95,36 +102,15 @@ def with_progress(run: Callable[[Callable[[UnlearnStep], None]], UnlearnResult])
 
 
 @app.command("unlearn")
-@with_options(LOADING)
+@with_options(LOADING, UNLEARN)
 def unlearn_command(
     model: ModelArg,
     flagged: FlaggedOpt,
     load: LoadOptions,
+    unlearning: UnlearnSettings,
     out_model: Annotated[
         Path, typer.Option("--out-model", help="Where to save the unlearned model (.safetensors).")
     ],
-    method: Annotated[
-        str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")
-    ] = "example-tied-dropout",
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Training epochs (default: the method's).")
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Learning rate (default: the method's).")
-    ] = None,
-    compare_retrain: Annotated[
-        bool,
-        typer.Option("--compare-retrain", help="Also retrain from scratch without the ids (slow)."),
-    ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the shuffling and masks.")] = 0,
-    membership_references: Annotated[
-        int,
-        typer.Option(
-            "--membership-references",
-            help="Train K models without the flagged ids (K >= 2, like retraining) and run the "
-            "membership test against them: AUC and TPR at 1% FPR before and after. 0: none.",
-        ),
-    ] = 0,
     retrained: Annotated[
         str | None,
         typer.Option(
@@ -153,15 +139,7 @@ def unlearn_command(
     )
     result = with_progress(
         lambda on_progress: inputs.auditor.unlearn(
-            inputs.ids,
-            method=method,
-            epochs=epochs,
-            lr=lr,
-            seed=seed,
-            compare_retrain=compare_retrain,
-            membership_references=membership_references,
-            retrained=reference,
-            on_progress=on_progress,
+            inputs.ids, unlearning, retrained=reference, on_progress=on_progress
         )
     )
     # What it was measured on and how: the unlearned model reloads with no flags.

@@ -162,6 +162,33 @@ def accuracy_bars(series: Mapping[str, Mapping[str, float | None]], *, title: st
         return _svg(fig)
 
 
+def roc_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str = ""
+) -> str:
+    """ROC curves (FPR on a log scale, as low-FPR membership tests are read), one per model,
+    with the chance line; a model at chance lies on the diagonal."""
+    with _figure("roc", 3.0) as fig:
+        ax = fig.add_subplot()
+        shown = {k: v for k, v in curves.items() if len(v[0]) > 1}
+        if not shown:
+            _empty(ax, "too few negatives for a curve")
+        low = min((min(f for f in fpr if f > 0) for fpr, _ in shown.values()), default=1e-3)
+        for i, (name, (fpr, tpr)) in enumerate(shown.items()):
+            xs = np.maximum(np.asarray(fpr, dtype=float), low)  # FPR 0 drawn at the left edge
+            ax.step(xs, tpr, where="post", color=color(name, i), label=name, lw=1.2)
+        if shown:
+            grid = np.logspace(np.log10(low), 0, 50)
+            ax.plot(grid, grid, color="#bbb", lw=0.6, ls=":", label="chance")
+            ax.set_xscale("log")
+            ax.set_xlim(low, 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_xlabel("false positive rate (unseen ids called members)")
+            ax.set_ylabel("true positive rate")
+            ax.legend(frameon=False, fontsize=7, loc="upper left")
+        ax.set_title(title, loc="left")
+        return _svg(fig)
+
+
 def edit_cost(
     groups: Mapping[str, Sequence[tuple[int, float]]], *, ylabel: str, title: str = ""
 ) -> str:

@@ -86,6 +86,7 @@ def body(view: View, thumbs: Mapping[int, str], *, title: str | None) -> str:
         _gates(view),
         _plots_section(view),
         _table(view, thumbs),
+        _membership_table(view),
         *(probe_section(p) for p in view.probes),
         _settings(view),
         f"<footer>memaudit {e(__version__)} · self-contained page: no network access</footer>",
@@ -200,12 +201,63 @@ def _plots_section(view: View) -> str:
             figure(
                 plots.accuracy_bars(series, title="Before and after unlearning"),
                 "Accuracy on the flagged (given labels), retained and test examples, and the "
-                "membership-inference AUC of flagged vs test (0.5: indistinguishable).",
+                "loss-threshold AUC of flagged ids against test images (not a membership test: "
+                "see the ROC curves).",
             )
         )
+        figures += _roc_plots(view.unlearns)
     if not figures:
         return ""
     return f'<section class="plots"><h2>Plots</h2>{"".join(figures)}</section>'
+
+
+def _roc_plots(unlearns: Sequence[UnlearnReport]) -> list[str]:
+    tested = [u for u in unlearns if u.membership is not None]
+    if not tested:
+        return []
+    first = tested[0].membership
+    assert first is not None
+    found = [("before", first.before)]
+    found += [(f"after {u.method}", u.membership.after) for u in tested if u.membership]
+    if first.retrain is not None:
+        found.append(("retrain", first.retrain))
+    curves = {name: (f.roc.fpr, f.roc.tpr) for name, f in found if f.roc is not None}
+    if not curves:
+        return []
+    return [
+        figure(
+            plots.roc_curves(curves, title="Membership test: ROC of the flagged ids"),
+            f"The flagged ids under each model (positives) against the same ids under "
+            f"{first.n_references} models trained without them (negatives). A model that "
+            "forgot them lies on the diagonal; a curve far above it still recognises them, one "
+            "far below it marks them as different from unseen ids (also a signal).",
+        )
+    ]
+
+
+def _membership_table(view: View) -> str:
+    """Each flagged id's membership score under each model (for one unlearning run)."""
+    tested = next((u for u in view.unlearns if u.membership is not None), None)
+    if tested is None or tested.membership is None:
+        return ""
+    m = tested.membership
+    with_retrain = any(x.retrain is not None for x in m.scores)
+    head = ["id", "before", f"after {tested.method}", *(["retrain"] if with_retrain else [])]
+    rows = []
+    for x in sorted(m.scores, key=lambda x: -x.after):
+        values = [x.before, x.after, *([x.retrain] if with_retrain else [])]
+        cells = [_cell(x.id, x.id), *(_cell("" if v is None else f"{v:.2f}", v) for v in values)]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    header = "".join(f'<th scope="col" tabindex="0">{e(h)}</th>' for h in head)
+    return (
+        '<section class="membership"><h2>Membership scores per flagged id</h2>'
+        "<p class=muted>How many pooled standard deviations each id's logit margin lies above "
+        f"its mean under the {m.n_references} reference models (0: like an unseen id; high: "
+        "recognised as a member). Sorted by the score after unlearning; click a column title "
+        "to sort.</p>"
+        '<div class="scroll"><table class="sortable" id="membership-table">'
+        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
 
 
 def _flipped_units(scan: ScanReport) -> list[int]:

@@ -125,4 +125,8 @@ def _scores_table(unlearns: Sequence[UnlearnReport]) -> list[str]:
             values = [getattr(f, pick).value if f is not None else None for f in per_column]
             shown = ["n/a" if v is None else f"{v:.3f}" for v in values]
             out.append(f"| {label} | " + " | ".join(shown) + " |")
+    if retrain is not None:  # the average gap to the reference, per unlearning run
+        gaps = [None, *(u.average_gap() for u in unlearns), 0.0]
+        shown = ["" if g is None else f"{100 * g:.1f} pts" for g in gaps]
+        out.append("| average gap to retrain | " + " | ".join(shown) + " |")
     return [*out, ""]

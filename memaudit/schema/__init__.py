@@ -48,8 +48,10 @@ from memaudit.schema._unlearn import (
     Interval,
     Membership,
     MembershipFigures,
+    RocCurve,
     UnlearnReport,
     UnlearnScores,
+    UnlearnSettings,
     accuracy_gap,
 )
 
@@ -80,6 +82,7 @@ __all__ = [
     "ReportError",
     "RetrainReport",
     "RewindReport",
+    "RocCurve",
     "ScanReport",
     "ScanSettings",
     "ScanSummary",
@@ -89,6 +92,7 @@ __all__ = [
     "Unit",
     "UnlearnReport",
     "UnlearnScores",
+    "UnlearnSettings",
     "Verdict",
     "accuracy_gap",
     "from_dict",

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import platform
 from datetime import datetime
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit.schema._base import Report
 from memaudit.schema._scan import ScanReport, ScanSettings, Status
-from memaudit.schema._unlearn import UnlearnReport
+from memaudit.schema._unlearn import UnlearnReport, UnlearnSettings
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -94,8 +94,8 @@ class Verdict(BaseModel):
 class AuditPlan(BaseModel):
     """What an audit does: its scan, its unlearning step and its gates.
 
-    ``unlearn_options`` go to :func:`memaudit.unlearn.unlearn` (``epochs``, ``lr``, ``seed``,
-    ``options``, ``compare_retrain``). ``localized_units`` (N): an example "rests on a handful
+    ``unlearn``: how :func:`memaudit.unlearn.unlearn` runs (method, budget, yardsticks).
+    ``localized_units`` (N): an example "rests on a handful
     of units" when it flips with at most N units. ``compare``: also scan that many random
     non-flagged ids as a comparison group. Gates (``max_*``) are recorded in the report; a
     failed gate is a result, not an error.
@@ -103,9 +103,8 @@ class AuditPlan(BaseModel):
 
     model_config = _STRICT
     scan: ScanSettings = Field(default_factory=ScanSettings)
-    unlearn_method: str = Field("example-tied-dropout", description="unlearning method")
+    unlearn: UnlearnSettings = Field(default_factory=UnlearnSettings)
     no_unlearn: bool = Field(False, description="scan only: skip unlearning and the re-scan")
-    unlearn_options: dict[str, Any] = Field(default_factory=dict)
     localized_units: int = Field(
         5, description="N: an example is localized when it flips with <= N units"
     )

@@ -4,10 +4,50 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memaudit.schema._base import Report
 from memaudit.schema._inputs import Preflight
+
+
+class UnlearnSettings(BaseModel):
+    """How to unlearn (the method and its budget) and what to measure it against.
+
+    ``epochs`` / ``lr`` default to the method's own (``memaudit.unlearn.METHODS``); ``options``
+    are method-specific (example-tied dropout: ``p_gen``, ``p_mem``, ``tie``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field("example-tied-dropout", description="unlearning method")
+    epochs: int | None = Field(None, ge=0, description="training epochs (default: the method's)")
+    lr: float | None = Field(None, gt=0, description="learning rate (default: the method's)")
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    seed: int = Field(0, description="seed of the shuffling, the masks and the references")
+    options: dict[str, float | int | str | bool] = Field(
+        default_factory=dict, description="method-specific options"
+    )
+    compare_retrain: bool = Field(
+        False, description="also retrain from scratch without the flagged ids (slow)"
+    )
+    retrain_epochs: int | None = Field(
+        None, ge=1, description="epochs of retraining and of the membership references"
+    )
+    membership_references: int = Field(
+        0,
+        ge=0,
+        description="train K models without the flagged ids (K >= 2, like retraining) and run "
+        "the membership test against them: AUC and TPR at 1% FPR before and after; 0: none",
+    )
+
+    @field_validator("membership_references")
+    @classmethod
+    def _two_or_none(cls, k: int) -> int:
+        if k == 1:
+            raise ValueError(
+                "the membership test needs at least two reference models (0: no membership test)"
+            )
+        return k
 
 
 class UnlearnScores(BaseModel):
@@ -38,22 +78,33 @@ class Interval(BaseModel):
     high: float | None
 
 
+class RocCurve(BaseModel):
+    """A ROC curve at a few points (FPR from 0 to 1, log-spaced), as the report's plot shows it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    fpr: list[float]
+    tpr: list[float]
+
+
 class MembershipFigures(BaseModel):
-    """The membership test on one model: ROC AUC and TPR at 1% and 0.1% FPR."""
+    """The membership test on one model: ROC AUC and TPR at 1% and 0.1% FPR, and its curve."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     auc: Interval
     tpr_at_1pct_fpr: Interval
     tpr_at_01pct_fpr: Interval
+    roc: RocCurve | None = None
 
 
 class IdScore(BaseModel):
-    """One flagged id's membership score (pooled standard deviations above the references)."""
+    """One flagged id's membership score (pooled standard deviations above the references)
+    under the model before and after unlearning, and under the retrained model when scored."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     id: int
     before: float
     after: float
+    retrain: float | None = None
 
 
 class Membership(BaseModel):
