@@ -182,9 +182,12 @@ def roc_curves(
             ax.set_xscale("log")
             ax.set_xlim(low, 1)
             ax.set_ylim(0, 1.02)
+            ticks = [t for t in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) if t >= low]
+            ax.set_xticks(ticks, labels=[f"{100 * t:g}%" for t in ticks])  # no math text
+            ax.set_xticks([], minor=True)
             ax.set_xlabel("false positive rate (unseen ids called members)")
             ax.set_ylabel("true positive rate")
-            ax.legend(frameon=False, fontsize=7, loc="upper left")
+            fig.legend(frameon=False, fontsize=7, ncols=4, loc="outside lower center")
         ax.set_title(title, loc="left")
         return _svg(fig)
 
