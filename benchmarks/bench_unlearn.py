@@ -163,8 +163,7 @@ def forget_ids(tb: Path, kind: str, seed: int, train: Any) -> list[int]:
         return read_ids(path)
     noisy = torch.as_tensor(train.rows(read_ids(tb / "noisy_ids.txt")))
     rows = forget_sets(train.labels, noisy, seed=info["config"]["seed"] + seed)[kind]
-    ids = train.ids[rows] if train.ids is not None else rows
-    return [int(i) for i in ids.tolist()]
+    return train.ids_of(rows)
 
 
 def n_references(n_ids: int) -> int:

@@ -224,10 +224,7 @@ def _comparison_ids(train: ImageDataset, ids: Sequence[int], n: int, *, seed: in
     free = complement(len(train), train.rows(ids))
     if not len(free):
         raise MemauditError("no non-flagged examples left for a comparison group; drop --compare")
-    picked = sample(free, n, torch.Generator().manual_seed(seed + 1))
-    if train.ids is not None:
-        return [int(v) for v in train.ids[picked].tolist()]
-    return [int(v) for v in picked.tolist()]
+    return train.ids_of(sample(free, n, torch.Generator().manual_seed(seed + 1)))
 
 
 def _unlearn(

@@ -177,7 +177,6 @@ def _probes(
     def hook(name: str) -> Callable[[ProbeStep], None]:
         return lambda step: on_progress(name, step.done, step.total) if on_progress else None
 
-    flagged = train.rows(noisy)
     common: dict[str, Any] = {"grouping": cfg.grouping, "device": device}
     out: list[tuple[str, Report]] = []
     if cfg.gradients:
@@ -186,7 +185,7 @@ def _probes(
             (
                 "gradients",
                 gradient_history(
-                    model, train, flagged, checkpoints, on_progress=hook("gradients"), **common
+                    model, train, noisy, checkpoints, on_progress=hook("gradients"), **common
                 ),
             )
         )
@@ -198,7 +197,7 @@ def _probes(
                 rewind_layers(
                     model,
                     train,
-                    flagged,
+                    noisy,
                     checkpoints,
                     test=test,
                     on_progress=hook("rewind"),
@@ -214,7 +213,7 @@ def _probes(
                 retrain_layers(
                     model,
                     train,
-                    flagged,
+                    noisy,
                     checkpoints,
                     test=test,
                     rewind_epoch=cfg.rewind_to,

@@ -454,8 +454,7 @@ def unlearn(
         if retrained is not None:
             scored["retrain"] = retrained
         found = attack(scored, refs, train_set, rows, device=dev, seed=seed)
-        ids_of = train_set.ids[rows] if train_set.ids is not None else rows
-        membership = summarize(found, ids_of.tolist(), len(refs))
+        membership = summarize(found, train_set.ids_of(rows), len(refs))
     report = UnlearnReport(
         method=method,
         settings={

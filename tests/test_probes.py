@@ -239,6 +239,21 @@ def test_rewinding_to_itself_changes_nothing(bed: Path, tmp_path: Path) -> None:
     assert _same(before, _state(model))
 
 
+def test_probes_take_example_ids_of_an_id_column(bed: Path) -> None:
+    """With an id column, the probes read ids, not row numbers: same report as by rows."""
+    import dataclasses
+
+    model, data = _load(bed)
+    named = dataclasses.replace(data, ids=torch.arange(len(data)) * 10 + 1000)  # row r: id
+    by_id = rewind_layers(model, named, [1000 + 10 * r for r in FLAGGED], bed / "checkpoints")
+    by_row = rewind_layers(model, data, FLAGGED, bed / "checkpoints")
+    assert by_id.layers == by_row.layers and by_id.baseline == by_row.baseline
+    got = gradient_accounting(model, named, [1000 + 10 * r for r in FLAGGED], device="cpu")
+    assert got.n_flagged == len(FLAGGED)
+    with pytest.raises(MemauditError, match="not in the id column"):
+        rewind_layers(model, named, FLAGGED, bed / "checkpoints")
+
+
 def test_rewinding_loads_one_group_and_restores_it(bed: Path) -> None:
     model, data = _load(bed)
     before = _state(model)

@@ -24,7 +24,7 @@ from memaudit.cli._common import (
 )
 from memaudit.cli._options import with_options
 from memaudit.cli._testbed import progress
-from memaudit.data import complement, sample
+from memaudit.data import ImageDataset, complement, sample
 from memaudit.errors import MemauditError
 from memaudit.models import Classifier
 from memaudit.probes import (
@@ -111,9 +111,14 @@ def _load(
     return load_inputs(model, flagged=flagged, options=load, validate=validate)
 
 
-def _clean_sample(n_rows: int, flagged: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    clean = complement(n_rows, flagged)
-    return clean if size is None else sample(clean, size, torch.Generator().manual_seed(seed))
+def _clean_sample(
+    data: ImageDataset, flagged: torch.Tensor, size: int | None, seed: int
+) -> list[int] | None:
+    """The ids of ``size`` random non-flagged examples (seeded); None: all of them."""
+    if size is None:
+        return None
+    clean = complement(len(data), flagged)
+    return data.ids_of(sample(clean, size, torch.Generator().manual_seed(seed)))
 
 
 @contextmanager
@@ -260,13 +265,12 @@ def gradients(
         grouping=grouping,
         layers=layers,
     )
-    rows = inputs.rows
     names = _names(layers)
     if checkpoints is None and epochs is None:
         report = gradient_accounting(
             inputs.model,
             inputs.train,
-            rows,
+            inputs.ids,
             grouping=grouping,
             layers=names,
             batch_size=batch_size,
@@ -280,7 +284,7 @@ def gradients(
             report = gradient_history(
                 inputs.model,
                 inputs.train,
-                rows,
+                inputs.ids,
                 points,
                 grouping=grouping,
                 layers=names,
@@ -320,15 +324,14 @@ def rewind(
         grouping=grouping,
         layers=layers,
     )
-    rows = inputs.rows
-    clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
+    clean = _clean_sample(inputs.train, inputs.rows, clean_sample, seed)
     with _bar("rewinding") as update:
         report = rewind_layers(
             inputs.model,
             inputs.train,
-            rows,
+            inputs.ids,
             points,
-            clean_rows=clean,
+            clean_ids=clean,
             test=inputs.test,
             grouping=grouping,
             layers=_names(layers),
@@ -373,20 +376,19 @@ def retrain(
         grouping=grouping,
         layers=layers,
     )
-    rows = inputs.rows
-    clean = _clean_sample(len(inputs.train), rows, clean_sample, seed)
+    clean = _clean_sample(inputs.train, inputs.rows, clean_sample, seed)
     with _bar("retraining") as update:
         report = retrain_layers(
             inputs.model,
             inputs.train,
-            rows,
+            inputs.ids,
             points,
             rewind_epoch=rewind_epoch,
             epochs=train_epochs,
             lr=lr,
             batch_size=batch_size,
             seed=seed,
-            eval_clean_rows=clean,
+            eval_clean_ids=clean,
             test=inputs.test,
             grouping=grouping,
             layers=_names(layers),

@@ -98,13 +98,20 @@ class ImageDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int, int]]):
                     f"{len(self)} examples (ids 0-{len(self) - 1})"
                 )
             return wanted
-        index = {int(v): i for i, v in enumerate(self.ids.tolist())}
-        missing = [i for i in ids if i not in index]
-        if missing:
+        wanted = torch.as_tensor(list(ids), dtype=self.ids.dtype)
+        order = self.ids.argsort()
+        known = self.ids[order]
+        at = torch.searchsorted(known, wanted).clamp_max(max(len(known) - 1, 0))
+        missing = wanted[known[at] != wanted] if len(known) else wanted
+        if missing.numel():
             raise MemauditError(
-                f"example id {missing[0]} is not in the id column of {self.ref.split}"
+                f"example id {int(missing[0])} is not in the id column of {self.ref.split}"
             )
-        return torch.tensor([index[i] for i in ids], dtype=torch.long)
+        return order[at]
+
+    def ids_of(self, rows: torch.Tensor) -> list[int]:
+        """The example ids of ``rows`` (the inverse of :meth:`rows`)."""
+        return (rows if self.ids is None else self.ids[rows]).tolist()
 
 
 def complement(n: int, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:

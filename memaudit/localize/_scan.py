@@ -156,8 +156,13 @@ def flip_units(
 
     A convenience over :func:`scan` for methods that edit by units.
     """
-    ids = rows.tolist() if train.ids is None else train.ids[rows].tolist()
-    report = scan(model, train, ids, settings=scan_settings(settings, eval_size=0), device=device)
+    report = scan(
+        model,
+        train,
+        train.ids_of(rows),
+        settings=scan_settings(settings, eval_size=0),
+        device=device,
+    )
     space = model.units()
     return [[space.flat(u) for u in e.units] if e.flipped else [] for e in report.examples]
 

@@ -26,7 +26,6 @@ from memaudit.probes._layers import (
     _data_name,
     _net,
     _num,
-    _rows,
     _source,
     layer_groups,
     read_state,
@@ -258,9 +257,8 @@ def _batch_stats(model: nn.Module, *, on: bool) -> Iterator[None]:
 def gradient_accounting(
     model: Classifier,
     data: ImageDataset,
-    flagged_rows: torch.Tensor | Sequence[int],
+    ids: Sequence[int],
     *,
-    rows: torch.Tensor | Sequence[int] | None = None,
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
     epoch: int | None = None,
@@ -268,14 +266,15 @@ def gradient_accounting(
     norm_stats: NormStats = "batch",
     device: str | torch.device = "auto",
 ) -> GradientsReport:
-    """Gradient accounting of one model, post hoc: flagged vs other rows of ``data``.
+    """Gradient accounting of one model, post hoc: the flagged example ``ids`` vs the other
+    examples of ``data``.
 
-    Every row of ``rows`` (all by default) contributes once, in seeded random batches. With
+    Every example contributes once, in seeded random batches. With
     ``norm_stats="batch"`` (default) batch-norm layers use batch statistics as in training (their
     running statistics are restored after); ``"running"`` evaluates the model in eval mode,
     which mid-training checkpoints answer with inflated losses. ``epoch`` labels the column.
     """
-    flagged = validate_rows(data, flagged_rows)
+    flagged = validate_rows(data, data.rows(ids))
     tracker = GradientTracker(
         model, flagged, grouping=grouping, layers=layers, mode="checkpoint", norm_stats=norm_stats
     )
@@ -283,7 +282,7 @@ def gradient_accounting(
         model,
         tracker,
         data,
-        _rows(data, rows),
+        torch.arange(len(data)),
         batch_size=batch_size,
         norm_stats=norm_stats,
         device=pick_device(device),
@@ -295,10 +294,9 @@ def gradient_accounting(
 def gradient_history(
     model: Classifier,
     data: ImageDataset,
-    flagged_rows: torch.Tensor | Sequence[int],
+    ids: Sequence[int],
     checkpoints: str | Path | Sequence[Checkpoint],
     *,
-    rows: torch.Tensor | Sequence[int] | None = None,
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
     batch_size: int = 128,
@@ -311,7 +309,7 @@ def gradient_history(
     Each checkpoint's weights are loaded into ``model`` in turn; its own weights come back after.
     ``norm_stats`` as in :func:`gradient_accounting`.
     """
-    flagged = validate_rows(data, flagged_rows)
+    flagged = validate_rows(data, data.rows(ids))
     points = _checkpoint_list(checkpoints)
     net = _net(model)
     dev = pick_device(device)
@@ -325,7 +323,7 @@ def gradient_history(
                 model,
                 tracker,
                 data,
-                _rows(data, rows),
+                torch.arange(len(data)),
                 batch_size=batch_size,
                 norm_stats=norm_stats,
                 device=dev,

@@ -52,16 +52,12 @@ class _Split:
 
 def _split(
     data: ImageDataset,
-    flagged_rows: torch.Tensor | Sequence[int],
-    clean_rows: torch.Tensor | Sequence[int] | None,
+    ids: Sequence[int],
+    clean_ids: Sequence[int] | None,
     test: ImageDataset | None,
 ) -> _Split:
-    flagged = validate_rows(data, flagged_rows)
-    clean = (
-        complement(len(data), flagged)
-        if clean_rows is None
-        else torch.as_tensor(clean_rows, dtype=torch.long)
-    )
+    flagged = validate_rows(data, data.rows(ids))
+    clean = complement(len(data), flagged) if clean_ids is None else data.rows(clean_ids)
     return _Split(data, flagged, clean, test)
 
 
@@ -87,10 +83,10 @@ def _mean(values: torch.Tensor) -> float | None:
 def rewind_layers(
     model: Classifier,
     data: ImageDataset,
-    flagged_rows: torch.Tensor | Sequence[int],
+    ids: Sequence[int],
     checkpoints: str | Path | Sequence[Checkpoint],
     *,
-    clean_rows: torch.Tensor | Sequence[int] | None = None,
+    clean_ids: Sequence[int] | None = None,
     test: ImageDataset | None = None,
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
@@ -100,14 +96,15 @@ def rewind_layers(
 ) -> RewindReport:
     """Set one layer group at a time to its weights of each checkpoint's epoch and evaluate.
 
-    Flagged accuracy uses the given labels (memorization); clean accuracy the other rows of
-    ``data`` (or ``clean_rows``). Only the rewound group's tensors are copied in, and copied back.
+    Flagged accuracy (of the example ``ids``) uses the given labels (memorization); clean
+    accuracy the other examples of ``data`` (or ``clean_ids``). Only the rewound group's
+    tensors are copied in, and copied back.
 
     Example:
         >>> report = rewind_layers(model, train, noisy_ids, "tb/checkpoints")  # doctest: +SKIP
         >>> report.flagged_at(0)  # doctest: +SKIP
     """
-    split = _split(data, flagged_rows, clean_rows, test)
+    split = _split(data, ids, clean_ids, test)
     points = _checkpoint_list(checkpoints)
     groups = layer_groups(model, grouping=grouping, names=layers)
     dev = pick_device(device)
@@ -220,7 +217,7 @@ class _TrainSettings:
 def retrain_layers(
     model: Classifier,
     data: ImageDataset,
-    flagged_rows: torch.Tensor | Sequence[int],
+    ids: Sequence[int],
     checkpoints: str | Path | Sequence[Checkpoint],
     *,
     rewind_epoch: int = 0,
@@ -230,8 +227,8 @@ def retrain_layers(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,
-    clean_rows: torch.Tensor | Sequence[int] | None = None,
-    eval_clean_rows: torch.Tensor | Sequence[int] | None = None,
+    clean_ids: Sequence[int] | None = None,
+    eval_clean_ids: Sequence[int] | None = None,
     test: ImageDataset | None = None,
     grouping: Grouping | str = Grouping.MODULE,
     layers: Sequence[str] | None = None,
@@ -243,8 +240,8 @@ def retrain_layers(
 
     The other groups stay frozen (their norm statistics too). Flagged accuracy can come back
     only from memorization the frozen layers hold. The model is restored after each group.
-    Training uses ``clean_rows`` (default: every non-flagged row); clean accuracy is measured
-    on ``eval_clean_rows`` (default: the same rows).
+    Training uses the examples ``clean_ids`` (default: every example not in ``ids``); clean
+    accuracy is measured on ``eval_clean_ids`` (default: the same examples).
 
     Example:
         >>> report = retrain_layers(model, train, noisy_ids, "tb/checkpoints")  # doctest: +SKIP
@@ -252,10 +249,10 @@ def retrain_layers(
     """
     if epochs < 1 or lr <= 0 or batch_size < 1:
         raise MemauditError("retraining needs epochs >= 1, lr > 0 and batch size >= 1")
-    split = _split(data, flagged_rows, clean_rows, test)
+    split = _split(data, ids, clean_ids, test)
     train_rows = split.clean
-    if eval_clean_rows is not None:
-        split = _Split(data, split.flagged, torch.as_tensor(eval_clean_rows), test)
+    if eval_clean_ids is not None:
+        split = _Split(data, split.flagged, data.rows(eval_clean_ids), test)
     if isinstance(checkpoints, (str, Path)):
         point = find_checkpoints(checkpoints, epochs=[rewind_epoch])[0]
     else:
