@@ -21,6 +21,7 @@ README) and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -38,7 +39,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from memaudit import load_dataset, load_model, read_ids, save_model
-from memaudit.dropout import bind_ids, dropout_layers, insert_dropout
+from memaudit.dropout import TiedDropout
+from memaudit.masks import traced
 from memaudit.models import Classifier
 from memaudit.schema import UnlearnReport
 from memaudit.testbed import FORGET_KINDS, forget_sets
@@ -58,60 +60,51 @@ def step_times(model: Classifier, data: Any, *, steps: int, batch: int) -> dict[
     The two nets take turns on the same batches, so a load change on a shared machine hits both.
     """
     plain, tied = fresh_copy(model).train(), fresh_copy(model).train()
-    insert_dropout(tied)
-    binding = bind_ids(tied)
-    nets = {"plain": (plain, None), "etd": (tied, binding)}
-    opts = {k: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for k, (n, _) in nets.items()}
+    etd = TiedDropout(tied)
+    opts = {
+        k: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9)
+        for k, n in (("plain", plain), ("etd", tied))
+    }
     gen = torch.Generator().manual_seed(0)
     times: dict[str, list[float]] = {"plain": [], "etd": []}
-    for k in range(steps + 2):  # two warm-up steps
-        ids = torch.randperm(len(data), generator=gen)[:batch]
-        x, y = data.batch(ids), data.labels[ids]
-        for name, (net, bound) in nets.items():
-            start = time.perf_counter()
-            if bound is not None:
-                bound.set(ids)
-            loss = F.cross_entropy(net(x), y)
-            opts[name].zero_grad()
-            loss.backward()
-            opts[name].step()
-            if k >= 2:
-                times[name].append(time.perf_counter() - start)
+    with etd.attached() as masks:
+        for k in range(steps + 2):  # two warm-up steps
+            ids = torch.randperm(len(data), generator=gen)[:batch]
+            x, y = data.batch(ids), data.labels[ids]
+            for name, net in (("plain", plain), ("etd", tied)):
+                start = time.perf_counter()
+                scope = masks.applied(etd.masks(ids)) if name == "etd" else contextlib.nullcontext()
+                with scope:
+                    loss = F.cross_entropy(net(x), y)
+                    opts[name].zero_grad()
+                    loss.backward()
+                opts[name].step()
+                if k >= 2:
+                    times[name].append(time.perf_counter() - start)
     return times
 
 
 def etd_memory(model: Classifier, data: Any, *, n_ids: int, batch: int) -> dict[str, float]:
     """Memory of example-tied dropout for ``n_ids`` examples, against the paper's dense table."""
     net = copy.deepcopy(model)
-    insert_dropout(net)
-    layers = dropout_layers(net)
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = [  # measurement only, removed below: the layers' output shapes for the dense table
-        etd.register_forward_hook(lambda m, i, o, n=name: shapes.__setitem__(n, tuple(o.shape[1:])))
-        for name, etd in layers.items()
-    ]
-    try:
+    etd = TiedDropout(net)
+    layers = [(name, net.net.get_submodule(name)) for name in etd.names]
+    with torch.no_grad(), traced(layers) as calls:  # the outputs' shapes, for the dense table
         net.eval()(data.batch(torch.arange(2)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    state = sum(
-        t.numel() * t.element_size() for e in layers.values() for t in e.state_dict().values()
-    )
+    shapes = {c.name: tuple(c.output.shape[1:]) for c in calls}
+    state = sum(t.numel() * t.element_size() for t in vars(etd).values() if torch.is_tensor(t))
     rss0 = _rss_mb()
     start = time.perf_counter()
     for ids in torch.arange(n_ids).split(batch):
-        for name, etd in layers.items():
-            etd.masks(ids, shapes[name][0])
+        etd.masks(ids)
     seconds = time.perf_counter() - start
     dense = n_ids * sum(torch.Size(s).numel() for s in shapes.values())  # bool table bytes
-    per_batch = batch * sum(s[0] for s in shapes.values()) * 4
     return {
         "n_ids": n_ids,
         "layers": len(layers),
         "state_bytes": state,
         "rss_growth_mb": round(_rss_mb() - rss0, 2),
-        "mask_bytes_per_batch": per_batch,
+        "mask_bytes_per_batch": batch * etd.space.total * 4,
         "mask_seconds_all_ids": round(seconds, 3),
         "dense_table_mb_paper": round(dense / 2**20, 1),
     }

@@ -8,6 +8,7 @@ runs :func:`fit`; everything that scores a model on rows of a dataset runs :func
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,7 @@ from memaudit.errors import MemauditError
 from memaudit.models import Classifier
 
 BatchHook = Callable[[torch.Tensor], None]  # the example ids (rows) of the batch
+BatchScope = Callable[[torch.Tensor], AbstractContextManager[object]]  # a context per batch
 LossHook = Callable[[torch.Tensor, torch.Tensor], None]  # (ids, per-example losses)
 
 
@@ -64,6 +66,7 @@ def fit(
     seed: int = 0,
     device: str | torch.device = "auto",
     on_batch: BatchHook | None = None,
+    around_batch: BatchScope | None = None,
     on_loss: LossHook | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
 ) -> nn.Module:
@@ -74,8 +77,9 @@ def fit(
     that requires grad). ``mode``: the modules train (``train``), keep their running statistics
     (``eval``), or stay as the caller set them (``keep``). ``ascend`` raises the loss instead
     (gradient ascent); ``stop_loss`` ends training at the first batch whose mean loss exceeds
-    it, before stepping on it. Hooks: ``on_batch(ids)`` before each forward (example-tied
-    dropout binds the ids), ``on_loss(ids, losses)`` with per-example losses still on the graph
+    it, before stepping on it. Hooks: ``on_batch(ids)`` before each forward,
+    ``around_batch(ids)``: a context each training step runs in (example-tied dropout applies
+    the batch's masks in it), ``on_loss(ids, losses)`` with per-example losses still on the graph
     (the gradient probe), ``on_epoch(EpochEnd)`` after each epoch.
     """
     dev = pick_device(device)
@@ -102,19 +106,20 @@ def fit(
         for batch in order.split(batch_size):
             if on_batch is not None:
                 on_batch(batch)
-            losses = F.cross_entropy(
-                model(data.batch(batch, dev)), labels[batch.to(dev)], reduction="none"
-            )
-            if on_loss is not None:
-                on_loss(batch, losses)
-            loss = losses.mean()
-            value = float(loss.detach())
-            total, seen = total + value * len(batch), seen + len(batch)
-            if stop_loss is not None and value > stop_loss:
-                stopped = True
-                break
-            opt.zero_grad(set_to_none=True)
-            (-loss if ascend else loss).backward()
+            with around_batch(batch) if around_batch is not None else nullcontext():
+                losses = F.cross_entropy(
+                    model(data.batch(batch, dev)), labels[batch.to(dev)], reduction="none"
+                )
+                if on_loss is not None:
+                    on_loss(batch, losses)
+                loss = losses.mean()
+                value = float(loss.detach())
+                total, seen = total + value * len(batch), seen + len(batch)
+                if stop_loss is not None and value > stop_loss:
+                    stopped = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                (-loss if ascend else loss).backward()
             opt.step()
             if sched is not None:
                 sched.step()

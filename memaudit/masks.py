@@ -21,10 +21,11 @@ class UnitMasks:
 
     A mask applies only inside ``with masks.applied(mask):``, and the previous one (none, or an
     outer ``applied``) is back on exit, also when the body raises. ``mask`` is ``[B, U]`` (one
-    row per example of the batch, one column per unit of ``space``), broadcast over spatial
-    positions or tokens; outside ``applied`` the model runs unchanged. Give the mask
-    ``requires_grad=True`` to read ``d loss / d mask`` (gradient x activation) after backward.
-    Every hook this context registers is removed on exit, also when the body raises.
+    row per example of the batch, or one row for every example; one column per unit of
+    ``space``), broadcast over spatial positions or tokens; outside ``applied`` the model runs
+    unchanged. Copies of the model (``copy.deepcopy``) carry the hooks but are never masked.
+    Give the mask ``requires_grad=True`` to read ``d loss / d mask`` (gradient x activation)
+    after backward. Every hook this context registers is removed on exit, also when the body raises.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -59,7 +60,7 @@ class UnitMasks:
         try:
             for layer in self.space.layers:
                 module = self.model.get_submodule(layer.name)
-                self._handles.append(module.register_forward_hook(self._hook(layer)))
+                self._handles.append(module.register_forward_hook(self._hook(layer, module)))
         except BaseException:
             self._remove()
             raise
@@ -78,19 +79,21 @@ class UnitMasks:
             handle.remove()
         self._handles.clear()
 
-    def _hook(self, layer: Layer) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
+    def _hook(
+        self, layer: Layer, target: nn.Module
+    ) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
-            if self._mask is None:
+            if self._mask is None or module is not target:  # not in force, or a copy's hook
                 return None
             rows = self._mask[:, layer.offset : layer.offset + layer.size]
-            if rows.shape[0] != output.shape[0]:
+            if rows.shape[0] not in (1, output.shape[0]):
                 raise ValueError(
                     f"mask has {rows.shape[0]} rows but layer {layer.name!r} saw a batch of "
                     f"{output.shape[0]}; give one mask row per example"
                 )
-            shape = [output.shape[0]] + [1] * (output.ndim - 1)
+            shape = [rows.shape[0]] + [1] * (output.ndim - 1)
             shape[layer.dim] = layer.size
-            return output * rows.reshape(shape).to(output.dtype)
+            return output * rows.reshape(shape).to(output.device, output.dtype)
 
         return hook
 

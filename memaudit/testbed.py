@@ -8,11 +8,11 @@ flags beyond ``--flagged``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memaudit._version import __version__
 from memaudit.data import ImageDataset, complement, load_dataset, sample, write_ids
-from memaudit.engine import BatchHook, EpochEnd, accuracy, fit, pick_device
+from memaudit.dropout import DropoutMode, TiedDropout, recalibrate_norms
+from memaudit.engine import BatchHook, BatchScope, EpochEnd, accuracy, fit, pick_device
 from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -186,9 +187,11 @@ def build_testbed(
     num_classes = max(int(true_labels.max()), int(arrays["test_labels"].max())) + 1
     # mnist arrays are [N, H, W]; datasets read from disk are [N, C, H, W].
     channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[1])
-    model = build_model(  # a bad architecture or option fails before anything is written
-        cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
-    )
+    with torch.random.fork_rng(devices=[]):  # the initialization is the seed's too
+        torch.manual_seed(cfg.seed)
+        model = build_model(  # a bad architecture or option fails before anything is written
+            cfg.arch, num_classes=num_classes, in_chans=channels, config=dict(cfg.arch_config)
+        )
     root = Path(out)
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     noisy, noisy_ids = label_noise(
@@ -226,42 +229,45 @@ def build_testbed(
     test_set = load_dataset(data_path, split="test", model=model)
 
     checkpoints: list[str] = []
-    binding = _insert_dropout(model, cfg)
+    etd = _tied_dropout(model, cfg)
 
-    def batch_start(ids: torch.Tensor) -> None:
-        if binding is not None:
-            binding.set(ids)
-        if on_batch is not None:
-            on_batch(ids)
+    def as_plain(mode: DropoutMode) -> Classifier:
+        return model if etd is None else etd.plain_copy(mode)
 
     def epoch_end(event: EpochEnd) -> None:
         path = save_model(
-            _plain(model, "expectation"),
+            as_plain("expectation"),
             root / "checkpoints" / f"epoch_{event.epoch:03d}.safetensors",
         )
         checkpoints.append(str(path))
         if on_epoch is not None:
             on_epoch(event)
 
-    save_model(_plain(model, "expectation"), root / "checkpoints" / "epoch_000.safetensors")
+    save_model(as_plain("expectation"), root / "checkpoints" / "epoch_000.safetensors")
     checkpoints.append(str(root / "checkpoints" / "epoch_000.safetensors"))
-    fit(
-        model,
-        train_set,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        device=device,
-        on_epoch=epoch_end,
-        on_batch=batch_start,
-    )
+    with contextlib.ExitStack() as scope:
+        around: BatchScope | None = None
+        if etd is not None:  # the batch's example-tied masks in each training step
+            masks, tied = scope.enter_context(etd.attached()), etd
+            around = lambda ids: masks.applied(tied.masks(ids))  # noqa: E731
+        fit(
+            model,
+            train_set,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+            device=device,
+            on_epoch=epoch_end,
+            on_batch=on_batch,
+            around_batch=around,
+        )
     clean_rows = complement(len(train_set), noisy_ids)
     modes, drop_path = None, None
-    if binding is not None:
-        plain = _mode_models(model, train_set, device, cfg.batch_size)
+    if etd is not None:
+        plain = _mode_models(etd, train_set, device, cfg.batch_size)
         modes = {
             mode: ModeAccuracy(
                 noisy_train=accuracy(m, train_set, noisy_ids, device=device),
@@ -296,30 +302,17 @@ def build_testbed(
     return result
 
 
-def _insert_dropout(model: Classifier, cfg: TestbedConfig) -> Any:
-    """Example-tied dropout layers in ``model`` when asked for, and their id binding."""
-    if not cfg.example_tied_dropout:
-        return None
-    from memaudit.dropout import bind_ids, insert_dropout
-
-    insert_dropout(model, seed=cfg.seed)
-    return bind_ids(model)
-
-
-def _plain(model: Classifier, mode: Any) -> Classifier:
-    from memaudit.dropout import dropout_layers, plain_copy
-
-    return plain_copy(model, mode=mode) if dropout_layers(model) else model
+def _tied_dropout(model: Classifier, cfg: TestbedConfig) -> TiedDropout[Classifier] | None:
+    """Example-tied dropout on ``model`` (the paper's placement and rates), when asked for."""
+    return TiedDropout(model, seed=cfg.seed) if cfg.example_tied_dropout else None
 
 
 def _mode_models(
-    model: Classifier, train_set: ImageDataset, device: torch.device, batch_size: int
+    etd: TiedDropout[Classifier], train_set: ImageDataset, device: torch.device, batch_size: int
 ) -> dict[str, Classifier]:
     """Plain copies of an example-tied-dropout model in each evaluation mode, and the drop-mode
     copy with its BatchNorm statistics recomputed on the training images."""
-    from memaudit.dropout import recalibrate_norms
-
-    modes = {mode: _plain(model, mode) for mode in ("expectation", "drop")}
+    modes = {mode: etd.plain_copy(mode) for mode in ("expectation", "drop")}
     recalibrated = copy.deepcopy(modes["drop"])
     rows = torch.arange(len(train_set)).split(batch_size)
     recalibrate_norms(recalibrated, (train_set.batch(r, device) for r in rows))

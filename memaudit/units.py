@@ -64,19 +64,33 @@ class UnitSpace:
         skip = set(exclude)
         # nn.MultiheadAttention applies its out_proj weights functionally: no hook would fire.
         skip.update(f"{name}.out_proj" for name, m in model.named_modules() if _is_mha(m))
-        layers: list[Layer] = []
-        offset = 0
-        for name, module in model.named_modules():
-            axis = _unit_axis(module)
-            if axis is None or name in skip or any(name.startswith(s + ".") for s in skip):
-                continue
-            layers.append(Layer(name=name, size=axis[0], dim=axis[1], offset=offset))
-            offset += axis[0]
-        if not layers:
+        found = [
+            (name, *axis)
+            for name, module in model.named_modules()
+            if (axis := _unit_axis(module)) is not None
+            and name not in skip
+            and not any(name.startswith(s + ".") for s in skip)
+        ]
+        if not found:
             raise MemauditError(
                 "the model has no convolution or linear layers outside its head to audit; "
                 "pass a model with Conv/Linear modules"
             )
+        self._lay_out(found)
+
+    @classmethod
+    def of(cls, layers: Sequence[tuple[str, int, int]]) -> UnitSpace:
+        """A space over given ``(module name, units, unit axis)`` outputs, in that order (e.g.
+        the layers example-tied dropout masks, which need not be conv / linear layers)."""
+        space = cls.__new__(cls)
+        space._lay_out(list(layers))
+        return space
+
+    def _lay_out(self, found: Sequence[tuple[str, int, int]]) -> None:
+        layers, offset = [], 0
+        for name, size, dim in found:
+            layers.append(Layer(name=name, size=size, dim=dim, offset=offset))
+            offset += size
         self.layers: tuple[Layer, ...] = tuple(layers)
         self.total = offset
         self._index = {layer.name: i for i, layer in enumerate(layers)}

@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,29 +170,28 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     The layers go after every conv / linear layer (:func:`~memaudit.dropout.conv_layers`, the
     setting measured here), where the drop-mode scaling folds into any architecture.
     """
-    from memaudit.dropout import bind_ids, conv_layers, insert_dropout, remove_dropout
+    from memaudit.dropout import TiedDropout, conv_layers
 
     model = job.model
-    insert_dropout(
+    tie = job.options.get("tie", "all")
+    if tie not in ("all", "flagged"):
+        raise MemauditError(f"option tie must be 'all' or 'flagged', got {tie!r}")
+    etd = TiedDropout(
         model,
         after=conv_layers(model),
         p_gen=float(job.options["p_gen"]),
         p_mem=float(job.options["p_mem"]),
         seed=job.seed,
     )
-    rows = torch.arange(len(job.train))
-    tie = job.options.get("tie", "all")
-    if tie not in ("all", "flagged"):
-        raise MemauditError(f"option tie must be 'all' or 'flagged', got {tie!r}")
     flagged = torch.zeros(len(job.train), dtype=torch.bool)
     flagged[job.flagged] = True
-    with bind_ids(model) as binding:
+    with etd.attached() as masks:
 
-        def on_batch(ids: torch.Tensor) -> None:
-            binding.set(ids, tied=flagged[ids] if tie == "flagged" else None)
+        def tied(ids: torch.Tensor) -> AbstractContextManager[torch.Tensor]:
+            return masks.applied(etd.masks(ids, tied=flagged[ids] if tie == "flagged" else None))
 
-        _fit(job, model, rows, on_batch=on_batch)
-    remove_dropout(model, fold="drop")
+        _fit(job, model, torch.arange(len(job.train)), around_batch=tied)
+    etd.fold("drop")
     return model.eval()
 
 
@@ -251,8 +251,12 @@ def fresh_copy(model: Classifier) -> Classifier:
 
 
 def _retrain(job: UnlearnJob) -> Classifier:
-    """Train the architecture from scratch on the retained rows (the gold standard; slow)."""
-    return _fit(job, fresh_copy(job.model), job.retained)
+    """Train the architecture from scratch on the retained rows (the gold standard; slow). The
+    initialization is drawn with the job's seed; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed)
+        fresh = fresh_copy(job.model)
+    return _fit(job, fresh, job.retained)
 
 
 register_method(
@@ -445,11 +449,8 @@ def unlearn(
         gold = METHODS["retrain"]
         refs = list(references)
         for k in range(len(refs), membership_references):
-            stage = f"reference {k + 1}/{membership_references}"
-            with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
-                torch.manual_seed(seed + 1000 + k)  # each reference its own initialization
-                built = run(gold, cfg.retrain_epochs or gold.epochs, stage, seed + 1000 + k)
-            refs.append(built[0])
+            stage = f"reference {k + 1}/{membership_references}"  # each its own seed
+            refs.append(run(gold, cfg.retrain_epochs or gold.epochs, stage, seed + 1000 + k)[0])
         scored = {"before": model, "after": unlearned}
         if retrained is not None:
             scored["retrain"] = retrained

@@ -1,26 +1,21 @@
-"""Example-tied dropout: deterministic per-example masks, modes, insertion, removal and folding."""
+"""Example-tied dropout: deterministic per-example masks, modes, placement and folding."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from memaudit.dropout import (
-    ExampleTiedDropout,
-    bind_ids,
+    TiedDropout,
     conv_layers,
     default_layers,
-    dropout_layers,
-    insert_dropout,
-    plain_copy,
     recalibrate_norms,
-    remove_dropout,
-    set_mode,
     stage_outputs,
     tied_draws,
 )
@@ -32,30 +27,42 @@ def tiny_resnet() -> nn.Module:
     return build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
 
 
+def one_layer(channels: int, *, p_gen: float = 0.2, p_mem: float = 0.1, seed: int = 0) -> Any:
+    """Dropout after one conv layer of ``channels`` (the net, its dropout)."""
+    net = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(channels)[:, :, None, None])  # the identity map
+    return net, TiedDropout(net, after=["0"], p_gen=p_gen, p_mem=p_mem, seed=seed)
+
+
 def test_masks_are_deterministic_and_whole_channel() -> None:
-    etd = ExampleTiedDropout(p_gen=0.25, p_mem=0.5, seed=3).train()
+    net, etd = one_layer(8, p_gen=0.25, p_mem=0.5, seed=3)
     x = torch.ones(3, 8, 4, 4)
-    etd.ids = torch.tensor([5, 6, 7])
-    first = etd(x)
-    for _ in range(3):  # "epochs": the same ids always give the same masks
-        assert torch.equal(etd(x), first)
-    # whole channels: every spatial position of a channel shares the mask
-    assert torch.equal(first.amin((2, 3)), first.amax((2, 3)))
-    assert torch.equal(first[:, :2], torch.ones(3, 2, 4, 4))  # generalization units always on
-    etd.ids = torch.tensor([7])  # an example's mask does not depend on its batch
-    assert torch.equal(etd(x[:1]), first[2:])
+    ids = torch.tensor([5, 6, 7])
+    with etd.attached() as masks:
+        with masks.applied(etd.masks(ids)):
+            first = net(x)
+        for _ in range(3):  # "epochs": the same ids always give the same masks
+            with masks.applied(etd.masks(ids)):
+                assert torch.equal(net(x), first)
+        # whole channels: every spatial position of a channel shares the mask
+        assert torch.equal(first.amin((2, 3)), first.amax((2, 3)))
+        assert torch.equal(first[:, :2], torch.ones(3, 2, 4, 4))  # generalization units on
+        with masks.applied(etd.masks(torch.tensor([7]))):  # a mask does not depend on its batch
+            assert torch.equal(net(x[:1]), first[2:])
+    assert torch.equal(net(x), x)  # outside the scope the model runs unchanged
 
 
 def test_masks_differ_between_examples_and_match_p_mem() -> None:
-    etd = ExampleTiedDropout(p_gen=0.2, p_mem=0.1, seed=0)
-    masks = etd.masks(torch.arange(20_000), 50)
+    _, etd = one_layer(50, p_gen=0.2, p_mem=0.1, seed=0)
+    masks = etd.masks(torch.arange(20_000))
     mem = masks[:, 10:]
     assert masks[:, :10].eq(1).all()
     assert abs(float(mem.mean()) - 0.1) < 0.005
-    wide = etd.masks(torch.arange(1000), 500)  # with many units every example has its own mask
-    assert wide.unique(dim=0).shape[0] == 1000
-    other_seed = ExampleTiedDropout(p_gen=0.2, p_mem=0.1, seed=1).masks(torch.arange(100), 50)
-    assert not torch.equal(other_seed, masks[:100])
+    _, wide = one_layer(500)
+    assert wide.masks(torch.arange(1000)).unique(dim=0).shape[0] == 1000  # each its own mask
+    _, other_seed = one_layer(50, seed=1)
+    assert not torch.equal(other_seed.masks(torch.arange(100)), masks[:100])
 
 
 def test_masks_are_the_same_in_another_process() -> None:
@@ -71,44 +78,49 @@ def test_masks_are_the_same_in_another_process() -> None:
 
 
 def test_no_table_grows_with_examples() -> None:
-    etd = ExampleTiedDropout()
-    assert not list(etd.parameters()) and not list(etd.buffers())
-    huge = etd.masks(torch.tensor([10**12, 10**12 + 1]), 16)  # ids far beyond any dataset
-    assert huge.shape == (2, 16)
+    net, etd = one_layer(16)
+    assert not any(torch.is_tensor(v) for v in vars(etd).values())  # no per-example state
+    keys = list(net.state_dict())
+    huge = etd.masks(torch.tensor([10**12, 10**12 + 1]))  # ids far beyond any dataset
+    assert huge.shape == (2, 16) and list(net.state_dict()) == keys
 
 
 def test_drop_and_expectation_modes_scale_exactly() -> None:
+    net, etd = one_layer(10, p_gen=0.2, p_mem=0.1)
     x = torch.rand(2, 10, 3, 3) + 0.5
-    drop = ExampleTiedDropout(p_gen=0.2, p_mem=0.1, mode="drop")(x)
+    with torch.no_grad(), etd.attached() as masks:
+        with masks.applied(etd.mode_mask("drop")):
+            drop = net(x)
+        with masks.applied(etd.mode_mask("expectation")):
+            expect = net(x)
     assert drop[:, 2:].eq(0).all()  # exactly the memorization units are zero
     torch.testing.assert_close(drop[:, :2], x[:, :2] * 1.5)
-    expect = ExampleTiedDropout(p_gen=0.2, p_mem=0.1, mode="expectation")(x)
     torch.testing.assert_close(expect[:, :2], x[:, :2])
     torch.testing.assert_close(expect[:, 2:], x[:, 2:] * 0.1)
-    eval_train_mode = ExampleTiedDropout(p_gen=0.2, p_mem=0.1).eval()(x)
-    torch.testing.assert_close(eval_train_mode, expect)  # eval in train mode = expectation
 
 
 def test_token_outputs_mask_the_last_dim() -> None:
-    etd = ExampleTiedDropout(p_gen=0.5, p_mem=0.5, dim=-1).train()
-    etd.ids = torch.tensor([1, 2])
-    out = etd(torch.ones(2, 5, 8))  # [batch, tokens, features]
-    assert torch.equal(out.amin(1), out.amax(1))  # all tokens share the feature mask
-    assert torch.equal(out[:, 0], etd.masks(torch.tensor([1, 2]), 8))
+    net = nn.Sequential(nn.Linear(8, 8))
+    etd = TiedDropout(net, after=["0"], p_gen=0.5, p_mem=0.5)
+    assert [(layer.size, layer.dim) for layer in etd.space.layers] == [(8, -1)]
+    ids = torch.tensor([1, 2])
+    with etd.attached() as masks, masks.applied(etd.masks(ids)):
+        out = net(torch.ones(2, 5, 8))  # [batch, tokens, features]
+    plain = net(torch.ones(2, 5, 8))
+    assert torch.equal(out.amin(1) / plain.amin(1), out.amax(1) / plain.amax(1))  # tokens share
+    torch.testing.assert_close(out[:, 0], plain[:, 0] * etd.masks(ids))
 
 
 def test_batched_equals_one_at_a_time() -> None:
-    net = tiny_resnet().train()
-    insert_dropout(net, seed=1)
-    for m in net.modules():  # batch norm mixes examples; compare with fixed statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    net = tiny_resnet().eval()  # batch norm mixes examples; compare with fixed statistics
+    etd = TiedDropout(net, seed=1)
     x, ids = torch.randn(4, 1, 8, 8), torch.tensor([3, 1, 4, 1])
-    with bind_ids(net, ids):
-        batched = net(x)
-    for k in range(4):
-        with bind_ids(net, ids[k : k + 1]):
-            torch.testing.assert_close(net(x[k : k + 1]), batched[k : k + 1])
+    with etd.attached() as masks:
+        with masks.applied(etd.masks(ids)):
+            batched = net(x)
+        for k in range(4):
+            with masks.applied(etd.masks(ids[k : k + 1])):
+                torch.testing.assert_close(net(x[k : k + 1]), batched[k : k + 1])
 
 
 @pytest.mark.parametrize(
@@ -120,24 +132,26 @@ def test_batched_equals_one_at_a_time() -> None:
     ],
     ids=["resnet9", "mlp", "timm-resnet10t"],
 )
-def test_insert_then_remove_restores_the_model(make: object) -> None:
+def test_attached_dropout_folds_exactly_and_leaves_the_model_as_it_was(make: object) -> None:
     net = make()  # type: ignore[operator]  # a factory
     net.eval()
     x = torch.randn(2, 6) if isinstance(net, nn.Sequential) else torch.randn(2, 1, 16, 16)
-    before, keys = net(x), list(net.state_dict())
-    names = insert_dropout(net)
-    assert names == list(dropout_layers(net)) and names
-    with torch.no_grad():
-        set_mode(net, "drop")
-        dropped = net(x)
-        set_mode(net, "expectation")
-        expected = net(x)
-    torch.testing.assert_close(plain_copy(net, mode="drop")(x), dropped, atol=1e-5, rtol=1e-4)
+    before, state = net(x), {k: v.clone() for k, v in net.state_dict().items()}
+    etd = TiedDropout(net, example=x)
+    assert etd.names
+    with torch.no_grad(), etd.attached() as masks:
+        with masks.applied(etd.mode_mask("drop")):
+            dropped = net(x)
+        with masks.applied(etd.mode_mask("expectation")):
+            expected = net(x)
+    torch.testing.assert_close(etd.plain_copy("drop", example=x)(x), dropped, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(
-        plain_copy(net, mode="expectation")(x), expected, atol=1e-5, rtol=1e-4
+        etd.plain_copy("expectation", example=x)(x), expected, atol=1e-5, rtol=1e-4
     )
-    assert remove_dropout(net) == names
-    assert torch.equal(net(x), before) and list(net.state_dict()) == keys
+    assert torch.equal(net(x), before)  # no module replaced, no hook left, no weight changed
+    assert net.state_dict().keys() == state.keys()
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    assert not any(m._forward_hooks for m in net.modules())
 
 
 def test_conv_layers_follow_batch_norm_and_skip_the_head() -> None:
@@ -157,11 +171,13 @@ def test_default_layers_are_stage_outputs_when_they_fold() -> None:
 
 def test_timm_stages_that_fold_get_stage_dropout_and_fold_exactly() -> None:
     net = build_model("timm:test_efficientnet", num_classes=3, in_chans=3).eval()
-    assert insert_dropout(net, p_gen=0.25, p_mem=0.5) == stage_outputs(net)
+    etd = TiedDropout(net, p_gen=0.25, p_mem=0.5)
+    assert etd.names == stage_outputs(net)
     x = torch.randn(2, 3, 40, 40)  # another size than the traced example
-    set_mode(net, "drop")
     with torch.no_grad():
-        torch.testing.assert_close(plain_copy(net)(x), net(x), rtol=1e-4, atol=1e-6)
+        with etd.attached() as masks, masks.applied(etd.mode_mask("drop")):
+            dropped = net(x)
+        torch.testing.assert_close(etd.plain_copy("drop")(x), dropped, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["drop", "expectation"])
@@ -170,13 +186,14 @@ def test_stage_dropout_folds_into_the_layers_that_read_it(mode: str) -> None:
     head: the plain model computes what the model with dropout computed."""
     net = tiny_resnet().eval()
     x = torch.randn(3, 1, 12, 12)
-    insert_dropout(net, p_gen=0.5, p_mem=0.5)
-    set_mode(net, mode)  # type: ignore[arg-type]
+    etd = TiedDropout(net, p_gen=0.5, p_mem=0.5)
     with torch.no_grad():
-        expected = net(x)
-        plain = plain_copy(net, mode=mode)  # type: ignore[arg-type]
-        torch.testing.assert_close(plain(x), expected, rtol=1e-4, atol=1e-6)
-    assert not dropout_layers(plain)
+        with etd.attached() as masks, masks.applied(etd.mode_mask(mode)):  # type: ignore[arg-type]
+            expected = net(x)
+        etd.fold(mode)  # type: ignore[arg-type]
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(MemauditError, match="folded into the weights"):
+        etd.attached()
 
 
 def test_unfoldable_dropout_is_a_clear_error_and_changes_nothing() -> None:
@@ -191,77 +208,76 @@ def test_unfoldable_dropout_is_a_clear_error_and_changes_nothing() -> None:
             return (h + self.conv(h)).mean((2, 3))  # h also feeds a residual sum
 
     net = Skip().eval()
-    insert_dropout(net, after=["block"], p_gen=0.5, p_mem=0.5)
-    set_mode(net, "expectation")
     x = torch.randn(2, 4, 5, 5)
+    etd = TiedDropout(net, after=["block"], p_gen=0.5, p_mem=0.5, example=x)
     with torch.no_grad():
         before = net(x)
     with pytest.raises(MemauditError, match="cannot fold the example-tied dropout after 'block'"):
-        remove_dropout(net, fold="drop", example=x)
-    assert list(dropout_layers(net)) == ["block"]
+        etd.fold("drop", example=x)
+    assert etd.folded is None
     with torch.no_grad():
         torch.testing.assert_close(net(x), before, rtol=0, atol=0)
 
 
-def test_training_without_ids_is_a_clear_error() -> None:
+def test_a_mask_for_another_batch_size_is_a_clear_error() -> None:
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    insert_dropout(net)
-    with pytest.raises(MemauditError, match="bind_ids"):
-        net.train()(torch.ones(2, 3))
-    with bind_ids(net, torch.tensor([0])), pytest.raises(MemauditError, match="one id"):
+    etd = TiedDropout(net)
+    three = etd.masks(torch.tensor([0, 1, 2]))
+    with etd.attached() as masks, masks.applied(three), pytest.raises(ValueError, match="one"):
         net(torch.ones(2, 3))
-    with pytest.raises(MemauditError, match="already has"):
-        insert_dropout(net)
 
 
 def test_untied_examples_see_the_drop_mode_network() -> None:
-    etd = ExampleTiedDropout(p_gen=0.25, p_mem=0.5).train()
+    net, etd = one_layer(8, p_gen=0.25, p_mem=0.5)
     x = torch.rand(3, 8, 2, 2)
-    etd.ids, etd.tied = torch.tensor([1, 2, 3]), torch.tensor([True, False, True])
-    out = etd(x)
-    torch.testing.assert_close(out[1], x[1] * etd.scale(8, "drop")[:, None, None])
-    etd.tied = None
-    torch.testing.assert_close(out[[0, 2]], etd(x)[[0, 2]])
+    ids, tied = torch.tensor([1, 2, 3]), torch.tensor([True, False, True])
+    with etd.attached() as masks:
+        with masks.applied(etd.masks(ids, tied=tied)):
+            out = net(x)
+        torch.testing.assert_close(out[1], x[1] * etd.scale("drop")[:, None, None])
+        with masks.applied(etd.masks(ids)):
+            torch.testing.assert_close(out[[0, 2]], net(x)[[0, 2]])
 
 
-def test_bindings_nest_and_restore() -> None:
-    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
-    insert_dropout(net)
-    (etd,) = dropout_layers(net).values()
-    with bind_ids(net, torch.tensor([1])):
-        with bind_ids(net, torch.tensor([2, 3])):
-            assert etd.ids is not None and etd.ids.tolist() == [2, 3]
-        assert etd.ids is not None and etd.ids.tolist() == [1]
-    assert etd.ids is None
+def test_masks_nest_and_restore() -> None:
+    net, etd = one_layer(4, p_gen=0.5, p_mem=0.5)
+    x = torch.ones(1, 4, 1, 1)
+    with etd.attached() as masks:
+        with masks.applied(etd.mode_mask("drop")):
+            with masks.applied(etd.mode_mask("expectation")):
+                assert net(x).flatten().tolist() == [1, 1, 0.5, 0.5]
+            assert net(x).flatten().tolist() == [2, 2, 0, 0]  # the outer mask is back
+        assert masks.mask is None and torch.equal(net(x), x)
 
 
 def test_bad_settings_are_clear_errors() -> None:
-    with pytest.raises(MemauditError, match="p_gen"):
-        ExampleTiedDropout(p_gen=0, p_mem=0.1)
-    with pytest.raises(MemauditError, match="mode"):
-        ExampleTiedDropout(mode="sometimes")  # type: ignore[arg-type]  # the point of the test
-    with pytest.raises(MemauditError, match="no module named"):
-        insert_dropout(nn.Sequential(nn.Linear(2, 2)), after=["nope"])
     net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    insert_dropout(net, after=["1"])
+    with pytest.raises(MemauditError, match="p_gen"):
+        TiedDropout(net, p_gen=0, p_mem=0.1)
+    with pytest.raises(MemauditError, match="mode"):
+        TiedDropout(net).scale("sometimes")  # type: ignore[arg-type]  # the point of the test
+    with pytest.raises(MemauditError, match="no module named"):
+        TiedDropout(net, after=["nope"])
     with pytest.raises(MemauditError, match="needs an example input"):
-        remove_dropout(net, fold="drop")  # a plain module has no known input shape
-    assert remove_dropout(net, fold="drop", example=torch.randn(2, 2)) == ["1"]
+        TiedDropout(net, after=["1"])  # a plain module has no known input shape
+    etd = TiedDropout(net, after=["1"], example=torch.randn(2, 2))
+    etd.fold("drop", example=torch.randn(2, 2))
+    assert etd.folded == "drop"
 
 
 @pytest.mark.parametrize("kind", ["vit", "convnext"])
-def test_hugging_face_models_insert_fold_and_restore(kind: str, hf_dirs: dict[str, Path]) -> None:
+def test_hugging_face_models_attach_and_fold(kind: str, hf_dirs: dict[str, Path]) -> None:
     model = load_model(hf_dirs[kind])
     x = torch.randn(2, 3, 16, 16)
     before, keys = model(x), list(model.state_dict())
-    names = insert_dropout(model)
-    assert names and all(not n.startswith(model.info.head or "-") for n in names)
-    with torch.no_grad(), bind_ids(model, torch.tensor([0, 1])):
-        model.train()(x)  # token outputs of ViT linear layers: masks on the last dim
-        set_mode(model, "drop")
-        dropped = model.eval()(x)
-    torch.testing.assert_close(plain_copy(model, mode="drop")(x), dropped, atol=1e-4, rtol=1e-3)
-    remove_dropout(model)
+    etd = TiedDropout(model)
+    assert etd.names and all(not n.startswith(model.info.head or "-") for n in etd.names)
+    with torch.no_grad(), etd.attached() as masks:
+        with masks.applied(etd.masks(torch.tensor([0, 1]))):
+            model.train()(x)  # token outputs of ViT linear layers: masks on the last dim
+        with masks.applied(etd.mode_mask("drop")):
+            dropped = model.eval()(x)
+    torch.testing.assert_close(etd.plain_copy("drop")(x), dropped, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(model(x), before)
     assert list(model.state_dict()) == keys
 

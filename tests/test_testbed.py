@@ -129,6 +129,33 @@ def test_testbed_on_a_dataset_from_disk(tmp_path: Path) -> None:
     assert load_dataset(result.data, model=model).images.shape == (40, 3, 8, 8)
 
 
+def test_testbed_on_a_dataset_from_disk_is_reproducible_from_its_seed(tmp_path: Path) -> None:
+    """The seed fixes the noise, the order and the initialization: the same weights twice."""
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "src.npz",
+        train_images=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8),
+        train_labels=np.arange(40) % 4,
+        test_images=rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8),
+        test_labels=np.arange(12) % 4,
+    )
+
+    def weights(seed: int, out: str) -> dict[str, torch.Tensor]:
+        config = TestbedConfig(
+            data=str(tmp_path / "src.npz"),
+            epochs=1,
+            arch_config={"width": 2},
+            example_tied_dropout=True,
+            seed=seed,
+        )
+        torch.manual_seed(seed + 100)  # the caller's random state plays no part
+        return load_model(build_testbed(tmp_path / out, config, device="cpu").model).state_dict()
+
+    first, again, other = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_bad_device_fails_before_writing(tmp_path: Path) -> None:
     with pytest.raises(MemauditError, match="unknown device"):
         build_testbed(tmp_path / "tb", TestbedConfig(epochs=1), device="tpu9")

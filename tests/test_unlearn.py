@@ -107,6 +107,20 @@ def test_compare_retrain_fills_the_retrain_block(data: tuple[ImageDataset, Image
     assert gap is not None and 0 <= gap <= 1
 
 
+def test_retraining_is_reproducible_from_its_seed(data: tuple[ImageDataset, ImageDataset]) -> None:
+    """The retrained yardstick's initialization comes from the seed, not the caller's RNG."""
+    train, test = data
+
+    def retrained(seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed + 7)
+        result = unlearn(tiny_model(), train, FLAGGED, method="retrain", epochs=1, seed=seed)
+        return result.model.state_dict()
+
+    first, again, other = retrained(0), retrained(0), retrained(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 def test_bad_input_is_a_clear_error(data: tuple[ImageDataset, ImageDataset]) -> None:
     train, _ = data
     with pytest.raises(MemauditError, match="unknown unlearning method 'forget'"):

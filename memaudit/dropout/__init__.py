@@ -6,42 +6,27 @@ probability ``p_mem``, drawn by an integer hash of ``(seed, i, channel)``. Masks
 the fly for the ids of the current batch: nothing grows with the number of examples, and the same
 example gets the same mask in every epoch, process and device.
 
-Layers are inserted as modules (:func:`insert_dropout`) and removed again
-(:func:`remove_dropout`), optionally folding the expectation- or drop-mode scaling into the
-preceding conv / linear / batch-norm weights so that the result is a plain model. The batch's
-example ids reach the layers through :func:`bind_ids`; the model's ``forward`` is unchanged.
+:class:`TiedDropout` places the dropout on a model's layer outputs and applies it through the
+unit masks of :mod:`memaudit.masks`, only inside a scope: no module is replaced, and the
+model's state dict keeps its keys. :meth:`TiedDropout.fold` writes the expectation- or
+drop-mode scaling into the weights, so that the result is a plain model.
 
-Modules: ``_layer`` (the layer and :func:`bind_ids`), ``_placement`` (:func:`insert_dropout`),
-``_fold`` (:func:`remove_dropout`, :func:`plain_copy`, :func:`recalibrate_norms`).
+Modules: ``_tied`` (:class:`TiedDropout`, :func:`tied_draws`, :func:`default_layers`),
+``_placement`` (:func:`conv_layers`, :func:`stage_outputs`, the outputs' sizes), ``_fold``
+(folding a scaling into the weights, :func:`recalibrate_norms`).
 """
 
-from memaudit.dropout._fold import plain_copy, recalibrate_norms, remove_dropout
-from memaudit.dropout._layer import (
-    MODES,
-    DropoutMode,
-    ExampleTiedDropout,
-    WithDropout,
-    bind_ids,
-    dropout_layers,
-    set_mode,
-    tied_draws,
-)
-from memaudit.dropout._placement import conv_layers, default_layers, insert_dropout, stage_outputs
+from memaudit.dropout._fold import recalibrate_norms
+from memaudit.dropout._placement import conv_layers, stage_outputs
+from memaudit.dropout._tied import MODES, DropoutMode, TiedDropout, default_layers, tied_draws
 
 __all__ = [
     "MODES",
     "DropoutMode",
-    "ExampleTiedDropout",
-    "WithDropout",
-    "bind_ids",
+    "TiedDropout",
     "conv_layers",
     "default_layers",
-    "dropout_layers",
-    "insert_dropout",
-    "plain_copy",
     "recalibrate_norms",
-    "remove_dropout",
-    "set_mode",
     "stage_outputs",
     "tied_draws",
 ]

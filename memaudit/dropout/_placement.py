@@ -1,52 +1,33 @@
-"""Where example-tied dropout goes: after stage outputs (the paper), or after every conv layer."""
+"""Where example-tied dropout goes: after stage outputs (the paper), or after every conv layer;
+and the size and channel axis of each of those outputs."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-from memaudit.dropout._fold import remove_dropout
-from memaudit.dropout._layer import (
-    _BATCHNORM,
-    _CONV,
-    ExampleTiedDropout,
-    WithDropout,
-    _check_rates,
-    _layer_seed,
-    _net,
-)
 from memaudit.errors import MemauditError
+from memaudit.masks import traced
+from memaudit.units import last_unit_layer
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """Where dropout goes by default: after each stage / block output, as in the paper.
-
-    Stages are the modules a model lists in ``feature_info`` (timm models, memaudit's nets).
-    They are used when their drop-mode scaling folds into a plain model (checked on a copy);
-    otherwise (e.g. a stage output that also feeds an identity shortcut), and for models without
-    ``feature_info``, dropout goes after every conv / linear layer (:func:`conv_layers`).
-    On the label-noise testbed, stage outputs with the drop-mode model's BatchNorm recalibrated
-    (:func:`recalibrate_norms`) beat the normally trained model's test accuracy (README).
-    """
-    stages = stage_outputs(model)
-    return stages if stages and _folds(model, stages) else conv_layers(model)
-
-
-def _folds(model: nn.Module, names: list[str]) -> bool:
-    trial = copy.deepcopy(model)
-    insert_dropout(trial, after=names)
-    try:
-        remove_dropout(trial, fold="drop")
-    except (MemauditError, RuntimeError, ValueError):  # e.g. the traced input has a wrong shape
-        return False
-    return True
+def net_of(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """The module to mask and the name of its head (a Classifier's ``net`` and ``info.head``)."""
+    net = getattr(model, "net", None)
+    info = getattr(model, "info", None)
+    if isinstance(net, nn.Module) and info is not None:
+        return net, getattr(info, "head", None)
+    return model, last_unit_layer(model)
 
 
 def stage_outputs(model: nn.Module) -> list[str]:
     """The stage / block outputs a model names in ``feature_info`` (timm's convention), or []."""
-    net, _ = _net(model)
+    net, _ = net_of(model)
     try:
         return [str(info["module"]) for info in getattr(net, "feature_info", None) or []]
     except (KeyError, TypeError):
@@ -60,72 +41,78 @@ def conv_layers(model: nn.Module) -> list[str]:
     dropout after the norm, so that dropped channels are exactly 0 and the drop-mode scaling acts
     on what the next layer sums.
     """
-    net, head = _net(model)
+    net, head = net_of(model)
     names: list[str] = []
     for parent_name, parent in net.named_modules():
         children = list(parent.named_children())
         for k, (child_name, child) in enumerate(children):
-            if not isinstance(child, (*_CONV, nn.Linear)):
+            if not isinstance(child, (*CONV, nn.Linear)):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if head is not None and (name == head or name.startswith(head + ".")):
                 continue
             after = children[k + 1] if k + 1 < len(children) else None
-            size = child.out_channels if isinstance(child, _CONV) else child.out_features
-            if after is not None and type(after[1]) in _BATCHNORM and after[1].num_features == size:
+            size = child.out_channels if isinstance(child, CONV) else child.out_features
+            if after is not None and type(after[1]) in BATCHNORM and after[1].num_features == size:
                 name = f"{parent_name}.{after[0]}" if parent_name else after[0]
             names.append(name)
     return names
 
 
-def _channel_dim(module: nn.Module) -> int | None:
-    """The channel axis after ``module``: 1 for conv maps, -1 for features / tokens, ``None``
-    (decided per input: 1 for 4-D and 5-D maps, else -1) after a block."""
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):
-        return -1
-    if isinstance(module, (*_CONV, *_BATCHNORM)):
-        return 1
+def _known_axis(module: nn.Module) -> tuple[int, int] | None:
+    """(channels, channel axis) of a conv / linear / norm layer's output; None for a block."""
+    if isinstance(module, CONV):
+        return module.out_channels, 1
+    if isinstance(module, BATCHNORM):
+        return int(module.num_features), 1
+    if isinstance(module, nn.Linear):
+        return module.out_features, -1
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1]), -1
     return None
 
 
-def insert_dropout(
-    model: nn.Module,
-    *,
-    after: Sequence[str] | None = None,
-    p_gen: float = 0.2,
-    p_mem: float = 0.1,
-    seed: int = 0,
-) -> list[str]:
-    """Put example-tied dropout after the layers ``after`` of ``model`` (in place); their names.
-
-    ``after`` names modules of the model (of ``net`` for a :class:`~memaudit.models.Classifier`);
-    default: :func:`default_layers`. Each layer draws from its own stream of ``seed``. While the
-    layers are in, state-dict keys of the wrapped modules gain an ``inner.`` step; remove them
-    with :func:`remove_dropout` before saving.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
-        >>> insert_dropout(net)
-        ['0']
-    """
-    _check_rates(p_gen, p_mem)
-    net, _ = _net(model)
-    if any(isinstance(m, WithDropout) for m in net.modules()):
-        raise MemauditError("the model already has example-tied dropout; remove_dropout first")
-    names = list(default_layers(model) if after is None else after)
-    if not names:
-        raise MemauditError("no layers to put example-tied dropout after; pass after=[names]")
-    for k, name in enumerate(names):
+def layer_outputs(
+    model: nn.Module, names: Sequence[str], example: torch.Tensor | None = None
+) -> list[tuple[str, int, int]]:
+    """``(name, channels, channel axis)`` of each output of ``names``: from the layer's type,
+    or (after a block) from one traced forward of ``example``: axis 1 for 4-D and 5-D maps,
+    the last axis for features and tokens."""
+    net, _ = net_of(model)
+    modules = []
+    for name in names:
         try:
-            target = net.get_submodule(name)
+            modules.append((name, net.get_submodule(name)))
         except AttributeError:
             raise MemauditError(
                 f"no module named {name!r} to put example-tied dropout after; see "
                 "model.named_modules()"
             ) from None
-        parent_name, _, child = name.rpartition(".")
-        etd = ExampleTiedDropout(
-            p_gen=p_gen, p_mem=p_mem, seed=_layer_seed(seed, k), dim=_channel_dim(target)
+    known = {name: _known_axis(module) for name, module in modules}
+    blocks = [(n, m) for n, m in modules if known[n] is None]
+    if blocks:
+        x = example_input(model) if example is None else example
+        with torch.no_grad(), traced(blocks) as calls:
+            was_training = model.training
+            model.eval()(x)
+            model.train(was_training)
+        for call in calls:  # the first call of a module that is called twice
+            dim = 1 if call.output.ndim in (4, 5) else -1
+            known[call.name] = known[call.name] or (int(call.output.shape[dim]), dim)
+    missing = [n for n, axis in known.items() if axis is None]
+    if missing:
+        raise MemauditError(f"layer {missing[0]!r} is not called in the model's forward")
+    return [(name, *known[name]) for name, _ in modules]  # type: ignore[misc]
+
+
+def example_input(model: nn.Module) -> torch.Tensor:
+    """Random inputs shaped for a Classifier (its channels and image size; 32 px if unknown)."""
+    info = getattr(model, "info", None)
+    if info is None:
+        raise MemauditError(
+            "example-tied dropout after a block needs an example input; pass example="
         )
-        setattr(net.get_submodule(parent_name), child, WithDropout(target, etd))
-    return names
+    size = info.preprocess.image_size if info.preprocess and info.preprocess.image_size else 32
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, info.in_chans or 3, size, size, generator=gen).to(device)
