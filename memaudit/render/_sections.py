@@ -1,69 +1,21 @@
-"""The sections of the HTML page (header, verdict, gates, plots, table, settings): pure
-functions of a :class:`View` of the reports, returning escaped HTML."""
+"""The sections of the HTML page (header, verdict, gates, plots, settings; the tables are in
+``_tables``): pure functions of a :class:`View` of the reports, returning escaped HTML."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from memaudit._version import __version__
 from memaudit.render import _plots as plots
 from memaudit.render._html_parts import dl, e, figure, kv_table, probe_section
+from memaudit.render._tables import examples_table, membership_table
+from memaudit.render._view import View
 from memaudit.render.sentences import gate_message, unlearn_sentences, verdict_sentences
-from memaudit.schema._audit import AuditReport, Verdict, verdict
-from memaudit.schema._base import Report, ReportError
+from memaudit.schema._base import Report
 from memaudit.schema._inputs import Preflight
-from memaudit.schema._probes import GradientsReport, RetrainReport, RewindReport
-from memaudit.schema._scan import ExampleResult, ScanReport, Status
+from memaudit.schema._scan import ScanReport, Status
 from memaudit.schema._unlearn import UnlearnReport
-
-LOCALIZED_UNITS = 5  # the paper: about 5 units flip a memorized example
-
-
-@dataclass
-class View:
-    """The reports of one page, sorted by role."""
-
-    scan: ScanReport | None = None
-    comparisons: list[ScanReport] = field(default_factory=list)
-    rescan: ScanReport | None = None
-    unlearns: list[UnlearnReport] = field(default_factory=list)
-    probes: list[Report] = field(default_factory=list)
-    audit: AuditReport | None = None
-    verdict: Verdict | None = None
-    command: str | None = None
-
-
-def make_view(reports: Sequence[Report], comparison: ScanReport | None, localized: int) -> View:
-    view = View()
-    for report in reports:
-        if isinstance(report, AuditReport):
-            if view.audit is not None or view.scan is not None:
-                raise ReportError("one audit per page: render other reports on their own pages")
-            view.audit, view.scan, view.rescan = report, report.scan, report.rescan
-            view.unlearns += [report.unlearn] if report.unlearn else []
-            view.comparisons += [report.comparison] if report.comparison else []
-        elif isinstance(report, ScanReport):
-            if view.scan is None:
-                view.scan = report
-            else:  # later scans are comparison groups (e.g. clean examples)
-                view.comparisons.append(report)
-        elif isinstance(report, UnlearnReport):
-            view.unlearns.append(report)
-        elif isinstance(report, GradientsReport | RewindReport | RetrainReport):
-            view.probes.append(report)
-        else:
-            raise ReportError(f"no HTML view for a {report.kind!r} report")
-    if comparison is not None:
-        view.comparisons.append(comparison)
-    if view.audit is not None:
-        view.verdict = view.audit.verdict
-    elif view.scan is not None:
-        first = view.unlearns[0] if view.unlearns else None
-        view.verdict = verdict(view.scan, localized_units=localized, unlearn=first)
-    return view
-
 
 # --- public API -------------------------------------------------------------------------------
 
@@ -85,8 +37,8 @@ def body(view: View, thumbs: Mapping[int, str], *, title: str | None) -> str:
         _verdict(view),
         _gates(view),
         _plots_section(view),
-        _table(view, thumbs),
-        _membership_table(view),
+        examples_table(view, thumbs),
+        membership_table(view),
         *(probe_section(p) for p in view.probes),
         _settings(view),
         f"<footer>memaudit {e(__version__)} · self-contained page: no network access</footer>",
@@ -235,31 +187,6 @@ def _roc_plots(unlearns: Sequence[UnlearnReport]) -> list[str]:
     ]
 
 
-def _membership_table(view: View) -> str:
-    """Each flagged id's membership score under each model (for one unlearning run)."""
-    tested = next((u for u in view.unlearns if u.membership is not None), None)
-    if tested is None or tested.membership is None:
-        return ""
-    m = tested.membership
-    with_retrain = any(x.retrain is not None for x in m.scores)
-    head = ["id", "before", f"after {tested.method}", *(["retrain"] if with_retrain else [])]
-    rows = []
-    for x in sorted(m.scores, key=lambda x: -x.after):
-        values = [x.before, x.after, *([x.retrain] if with_retrain else [])]
-        cells = [_cell(x.id, x.id), *(_cell("" if v is None else f"{v:.2f}", v) for v in values)]
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    header = "".join(f'<th scope="col" tabindex="0">{e(h)}</th>' for h in head)
-    return (
-        '<section class="membership"><h2>Membership scores per flagged id</h2>'
-        "<p class=muted>How many pooled standard deviations each id's logit margin lies above "
-        f"its mean under the {m.n_references} reference models (0: like an unseen id; high: "
-        "recognised as a member). Sorted by the score after unlearning; click a column title "
-        "to sort.</p>"
-        '<div class="scroll"><table class="sortable" id="membership-table">'
-        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
-
-
 def _flipped_units(scan: ScanReport) -> list[int]:
     return [x.n_units_minimal for x in scan.examples if x.status is Status.FLIPPED]
 
@@ -313,99 +240,6 @@ def _costs(scan: ScanReport, *, test: bool) -> list[tuple[int, float]]:
         if x.status is Status.FLIPPED and after is not None:
             points.append((x.n_units_minimal, (before - after) * 100))
     return points
-
-
-# --- the table of flagged examples ------------------------------------------------------------
-
-
-def _label(index: int | None, names: Sequence[str] | None) -> str:
-    if index is None:
-        return ""
-    if names and 0 <= index < len(names) and names[index] != str(index):
-        return f"{index} · {names[index]}"
-    return str(index)
-
-
-def _cell(text: object, sort: float | int | str | None = None, cls: str = "") -> str:
-    attr = f' data-v="{e(sort)}"' if sort is not None else ""
-    klass = f' class="{cls}"' if cls else ""
-    return f"<td{attr}{klass}>{e(text)}</td>"
-
-
-def _drop(before: float | None, after: float | None) -> str:
-    return "" if before is None or after is None else f"{(before - after) * 100:.1f}"
-
-
-def _units_text(x: ExampleResult, limit: int = 6) -> str:
-    shown = ", ".join(f"{u.layer}[{u.index}]" for u in x.units[:limit])
-    return shown + (f", … (+{len(x.units) - limit})" if len(x.units) > limit else "")
-
-
-def _table(view: View, thumbs: Mapping[int, str]) -> str:
-    scan = view.scan
-    if scan is None:
-        return ""
-    names = scan.model.class_names
-    after = {x.id: x for x in view.rescan.examples} if view.rescan else {}
-    head = [
-        "id",
-        "given label",
-        "predicted",
-        "status",
-        "units",
-        "greedy units",
-        "predicted after edit",
-        "test drop (pts)",
-        "ref. drop (pts)",
-    ]
-    if view.rescan is not None:
-        head += ["predicted after unlearning", "still localized"]
-    head.append("units found")
-    if thumbs:
-        head.insert(1, "image")
-    s = scan.summary
-    rows = []
-    for x in scan.examples:
-        cells = [
-            _cell(x.id, x.id),
-            _cell(_label(x.label, names), x.label),
-            _cell(_label(x.predicted_before, names), x.predicted_before),
-            _cell(x.status.value.replace("_", " "), cls=f"st-{x.status.value}"),
-            _cell(x.n_units_minimal if x.flipped else "", x.n_units_minimal if x.flipped else ""),
-            _cell(x.n_units if x.flipped else "", x.n_units if x.flipped else ""),
-            _cell(_label(x.predicted_after, names)),
-            _cell(d := _drop(s.test_accuracy_before, x.test_accuracy), d),
-            _cell(d := _drop(s.reference_accuracy_before, x.reference_accuracy), d),
-        ]
-        if view.rescan is not None:
-            y = after.get(x.id)
-            cells.append(_cell(_label(y.predicted_before, names) if y else ""))
-            localized = y is not None and y.flipped and y.n_units_minimal <= _cap(view)
-            cells.append(_cell("yes" if localized else "no"))
-        cells.append(_cell(_units_text(x), cls="units"))
-        if thumbs:
-            uri = thumbs.get(x.id)
-            img = (
-                f'<img class="thumb" data-id="{x.id}" alt="example {x.id}" src="{e(uri)}">'
-                if uri
-                else ""
-            )
-            cells.insert(1, f"<td>{img}</td>")
-        rows.append(f"<tr>{''.join(cells)}</tr>")
-    header = "".join(f'<th scope="col" tabindex="0">{e(h)}</th>' for h in head)
-    return (
-        '<section class="examples"><h2>Flagged examples</h2>'
-        '<p class="tools"><input type="search" class="search" placeholder="Search the table…" '
-        'aria-label="Search the flagged examples" data-table="examples-table"> '
-        f'<span class="count" data-for="examples-table">{len(rows)} of {len(rows)}</span> '
-        '<span class="muted">Click a column title to sort.</span></p>'
-        '<div class="scroll"><table class="sortable" id="examples-table">'
-        f"<thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
-    )
-
-
-def _cap(view: View) -> int:
-    return view.verdict.localized_units if view.verdict else LOCALIZED_UNITS
 
 
 def _settings(view: View) -> str:

@@ -24,7 +24,8 @@ from typing import Any
 from memaudit._version import __version__
 from memaudit.render import _plots as plots
 from memaudit.render._html_parts import e
-from memaudit.render._sections import LOCALIZED_UNITS, View, body, make_view, page_title
+from memaudit.render._sections import body, page_title
+from memaudit.render._view import LOCALIZED_UNITS, View, make_view
 from memaudit.schema._audit import AuditReport
 from memaudit.schema._base import Report, ReportError
 from memaudit.schema._kinds import from_dict, read_json
