@@ -17,9 +17,9 @@ from memaudit.dropout import (
     default_layers,
     recalibrate_norms,
     stage_outputs,
-    tied_draws,
 )
 from memaudit.errors import MemauditError
+from memaudit.keyed import draws
 from memaudit.models import build_model, load_model
 
 
@@ -67,13 +67,13 @@ def test_masks_differ_between_examples_and_match_p_mem() -> None:
 
 def test_masks_are_the_same_in_another_process() -> None:
     code = (
-        "import torch; from memaudit.dropout import tied_draws; "
-        "print(tied_draws(torch.tensor([0, 9, 123456789]), torch.arange(6), seed=42).tolist())"
+        "import torch; from memaudit.keyed import draws; "
+        "print(draws(torch.tensor([0, 9, 123456789]), torch.arange(6), seed=42).tolist())"
     )
     other = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
-    here = tied_draws(torch.tensor([0, 9, 123456789]), torch.arange(6), seed=42).tolist()
+    here = draws(torch.tensor([0, 9, 123456789]), torch.arange(6), seed=42).tolist()
     assert other == str(here)
 
 

@@ -109,7 +109,7 @@ def test_compare_retrain_fills_the_retrain_block(data: tuple[ImageDataset, Image
 
 def test_retraining_is_reproducible_from_its_seed(data: tuple[ImageDataset, ImageDataset]) -> None:
     """The retrained yardstick's initialization comes from the seed, not the caller's RNG."""
-    train, test = data
+    train, _ = data
 
     def retrained(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed + 7)

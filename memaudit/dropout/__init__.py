@@ -11,14 +11,14 @@ unit masks of :mod:`memaudit.masks`, only inside a scope: no module is replaced,
 model's state dict keeps its keys. :meth:`TiedDropout.fold` writes the expectation- or
 drop-mode scaling into the weights, so that the result is a plain model.
 
-Modules: ``_tied`` (:class:`TiedDropout`, :func:`tied_draws`, :func:`default_layers`),
-``_placement`` (:func:`conv_layers`, :func:`stage_outputs`, the outputs' sizes), ``_fold``
-(folding a scaling into the weights, :func:`recalibrate_norms`).
+The masks are drawn by :func:`memaudit.keyed.draws`. Modules: ``_tied`` (:class:`TiedDropout`,
+:func:`default_layers`), ``_placement`` (:func:`conv_layers`, :func:`stage_outputs`, the
+outputs' sizes), ``_fold`` (folding a scaling into the weights, :func:`recalibrate_norms`).
 """
 
 from memaudit.dropout._fold import recalibrate_norms
 from memaudit.dropout._placement import conv_layers, stage_outputs
-from memaudit.dropout._tied import MODES, DropoutMode, TiedDropout, default_layers, tied_draws
+from memaudit.dropout._tied import MODES, DropoutMode, TiedDropout, default_layers
 
 __all__ = [
     "MODES",
@@ -28,5 +28,4 @@ __all__ = [
     "default_layers",
     "recalibrate_norms",
     "stage_outputs",
-    "tied_draws",
 ]

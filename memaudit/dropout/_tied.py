@@ -11,6 +11,7 @@ from typing import Generic, Literal, TypeVar, get_args
 import torch
 from torch import nn
 
+from memaudit import keyed
 from memaudit.dropout._fold import fold_scale
 from memaudit.dropout._placement import conv_layers, layer_outputs, net_of, stage_outputs
 from memaudit.errors import MemauditError
@@ -20,40 +21,6 @@ from memaudit.units import UnitSpace
 DropoutMode = Literal["expectation", "drop"]
 MODES: tuple[str, ...] = get_args(DropoutMode)
 M = TypeVar("M", bound=nn.Module)
-_M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-
-
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finalizer (lowbias32) on int64 tensors; bijective on [0, 2^32)."""
-    h = h & _M32
-    h = h ^ (h >> 16)
-    h = (h * 0x7FEB352D) & _M32  # int64 products may wrap; their low 32 bits stay exact
-    h = h ^ (h >> 15)
-    h = (h * 0x846CA68B) & _M32
-    return h ^ (h >> 16)
-
-
-def _key(seed: int) -> int:
-    return int(_mix32(torch.tensor([seed & _M32])) ^ _mix32(torch.tensor([seed >> 32]) + _GOLDEN))
-
-
-def _layer_seed(seed: int, layer: int) -> int:
-    return int(_mix32(torch.tensor([_key(seed) ^ int(_mix32(torch.tensor([layer + 1])))])))
-
-
-def tied_draws(ids: torch.Tensor, units: torch.Tensor, *, seed: int) -> torch.Tensor:
-    """Uniform 32-bit draws ``[B, M]`` keyed on ``(seed, id, unit)``: a pure function of its keys.
-
-    Example:
-        >>> a = tied_draws(torch.tensor([7, 8]), torch.arange(4), seed=0)
-        >>> torch.equal(a, tied_draws(torch.tensor([7, 8]), torch.arange(4), seed=0))
-        True
-    """
-    ids = ids.to(torch.int64)
-    h_id = _mix32(_mix32(ids ^ _key(seed)) + ((ids >> 32) & _M32) * _GOLDEN)
-    h_unit = _mix32(units.to(device=ids.device, dtype=torch.int64) * _GOLDEN + 0x632BE5AB)
-    return _mix32(h_id[:, None] ^ h_unit[None, :])
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -135,7 +102,7 @@ class TiedDropout(Generic[M]):
         self.model = model
         self.p_gen, self.p_mem, self.seed = p_gen, p_mem, seed
         self.space = UnitSpace.of(layer_outputs(model, names, example))
-        self.seeds = [_layer_seed(seed, k) for k in range(len(names))]
+        self.seeds = [keyed.subseed(seed, k) for k in range(len(names))]
         self.folded: DropoutMode | None = None
 
     @property
@@ -156,7 +123,7 @@ class TiedDropout(Generic[M]):
             gen = self.n_gen(layer.size)
             mem = torch.arange(gen, layer.size, device=ids.device)
             keep = torch.ones(ids.shape[0], gen, dtype=torch.bool, device=ids.device)
-            parts += [keep, tied_draws(ids, mem, seed=seed) < threshold]
+            parts += [keep, keyed.draws(ids, mem, seed=seed) < threshold]
         out = torch.cat(parts, dim=1).float()
         if tied is not None:
             free = ~tied.to(ids.device)
