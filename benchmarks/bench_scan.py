@@ -229,7 +229,7 @@ def _bare_search(
                 y,
                 settings=settings,
                 reference_grad=ref_grad,
-                generator=torch.Generator().manual_seed(0),
+                ids=torch.tensor(train.ids_of(chunk)),
                 reference_batch=ref_batch,
             )
             units += [f.greedy if f.status.value == "flipped" else [] for f in found]

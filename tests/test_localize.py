@@ -176,6 +176,27 @@ def test_noise_averaging_runs(tiny: tuple[nn.Module, ImageDataset, ImageDataset]
     assert report.settings.noise_copies == 3 and report.summary.n_flagged == 2
 
 
+@pytest.mark.parametrize("scorer,copies", [("grad-x-act", 3), ("random", 0)])
+def test_random_draws_are_each_examples_own(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], scorer: str, copies: int
+) -> None:
+    """Noise and random scores are keyed on the example id: an example's result is the same
+    whichever examples share its batch, and in whatever order (as on another process)."""
+    model, data, _ = tiny
+    auditor = Auditor(model, data, device="cpu")
+    options = {"scorer": scorer, "noise_copies": copies, "max_units": 20, "reference_size": 16}
+    together = auditor.scan(list(range(8)), batch_size=8, **options)
+    apart = auditor.scan(list(range(7, -1, -1)), batch_size=3, **options)
+    by_id = {e.id: e for e in apart.examples}
+    assert together.summary.n_flipped >= 4
+    assert [(e.units, e.steps) for e in together.examples] == [
+        (by_id[e.id].units, by_id[e.id].steps) for e in together.examples
+    ]
+    other_seed = auditor.scan(list(range(8)), batch_size=8, **options, seed=1)
+    if scorer == "random":
+        assert _units(other_seed) != _units(together)
+
+
 def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
     model, data, _ = tiny
     report = Auditor(model, data, device="cpu").scan(list(range(10)), max_units=1)
@@ -326,7 +347,9 @@ def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     settings = scan_settings(reference_size=8, reference_mode="exact")
     with UnitMasks(classifier.net, space) as masks:
         ref_grad = exact_reference_grad(classifier, masks, mask, (ref_x, ref_y))
-        ctx = ScoreContext(classifier, masks, x, y, mask, ref_grad, settings, torch.Generator())
+        ctx = ScoreContext(
+            classifier, masks, x, y, mask, ref_grad, settings, torch.arange(len(y)), 0
+        )
         scores = SCORERS["grad-x-act"](ctx).scores
         one = mask[1:2].clone().requires_grad_(True)
         with masks.applied(one.expand(1 + len(ref), -1)):

@@ -101,7 +101,6 @@ def scan(
                 settings=cfg,
                 reference_grad=ref_grad,
                 reference_batch=ref_batch,
-                generator=gen,
                 device=dev,
             )
             sets = [f.minimal for f in found if f.status is Status.FLIPPED]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memaudit import keyed
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import ScanSettings
@@ -38,7 +39,13 @@ class ScoreContext:
     # as last refreshed (see memaudit.localize).
     reference_grad: torch.Tensor
     settings: ScanSettings
-    generator: torch.Generator
+    ids: torch.Tensor  # [A] the examples' ids: the keys of their random draws
+    step: int  # the greedy step: each draws afresh
+
+    def draw_seed(self) -> int:
+        """The seed of this step's keyed draws (:mod:`memaudit.keyed`): the same for an example
+        whichever batch or process it is searched in."""
+        return keyed.subseed(self.settings.seed, self.step)
 
 
 @dataclass(frozen=True)
@@ -74,9 +81,10 @@ def target_objective(
     copies = ctx.settings.noise_copies
     x, y, rows = ctx.x, ctx.y, mask
     if copies:
+        per_copy = x[0].numel()
+        noise = keyed.normal(ctx.ids.cpu(), copies * per_copy, seed=ctx.draw_seed())
         x = x.repeat_interleave(copies, 0)
-        noise = torch.randn(x.shape, generator=ctx.generator).to(x.device)
-        x = x + ctx.settings.noise_std * noise
+        x = x + ctx.settings.noise_std * noise.to(x.device).view(x.shape)
         y, rows = y.repeat_interleave(copies), mask.repeat_interleave(copies, 0)
     with ctx.masks.applied(rows):
         logits = ctx.model(x).float()
@@ -115,4 +123,5 @@ def integrated_gradients(ctx: ScoreContext) -> Scores:
 @register_scorer("random")
 def random_scores(ctx: ScoreContext) -> Scores:
     """A baseline: zero random units."""
-    return Scores(torch.rand(ctx.mask.shape, generator=ctx.generator).to(ctx.mask.device))
+    draws = keyed.uniform(ctx.ids.cpu(), ctx.mask.shape[1], seed=ctx.draw_seed())
+    return Scores(draws.to(ctx.mask.device))

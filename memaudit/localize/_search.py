@@ -100,10 +100,11 @@ def greedy_search(
     *,
     settings: ScanSettings,
     reference_grad: torch.Tensor,
-    generator: torch.Generator,
+    ids: torch.Tensor,
     reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Found]:
     """Zero units per example until each flips or hits the budget. All of ``x`` must be correct.
+    ``ids`` (the examples' ids) key their random draws (noisy copies, the random scorer).
 
     ``reference_batch`` (inputs, labels) are the reference rows, needed to refresh the reference
     term at each example's mask (``settings.reference_mode`` other than ``shared``).
@@ -114,7 +115,6 @@ def greedy_search(
         masks,
         settings=settings,
         reference_grad=reference_grad,
-        generator=generator,
         reference_batch=reference_batch,
     )
     budget = min(settings.max_units, masks.space.total)
@@ -122,11 +122,11 @@ def greedy_search(
     if mode == "refreshed" and settings.shared_units >= budget:
         mode = "shared"
     if mode != "refreshed":
-        return search(x, y, budget=budget, mode=mode)
-    found = search(x, y, budget=settings.shared_units, mode="shared")
+        return search(x, y, ids, budget=budget, mode=mode)
+    found = search(x, y, ids, budget=settings.shared_units, mode="shared")
     redo = [i for i, f in enumerate(found) if f.status is Status.BUDGET_EXHAUSTED]
     if redo:
-        again = search(x[redo], y[redo], budget=budget, mode="refreshed")
+        again = search(x[redo], y[redo], ids[redo], budget=budget, mode="refreshed")
         for i, f in zip(redo, again, strict=True):
             found[i] = f
     return found
@@ -137,12 +137,12 @@ def _search(
     masks: UnitMasks,
     x: torch.Tensor,
     y: torch.Tensor,
+    ids: torch.Tensor,
     *,
     budget: int,
     mode: str,
     settings: ScanSettings,
     reference_grad: torch.Tensor,
-    generator: torch.Generator,
     reference_batch: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> list[Found]:
     """The greedy loop, with the reference term refreshed as ``mode`` says."""
@@ -162,7 +162,9 @@ def _search(
             ref_grads[active] = exact_reference_grad(model, masks, mask, reference_batch)
             next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
         ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
-        ctx = ScoreContext(model, masks, x[active], y[active], mask, ref_grad, settings, generator)
+        ctx = ScoreContext(
+            model, masks, x[active], y[active], mask, ref_grad, settings, ids[active.cpu()], step
+        )
         # Score before checking for flips: the default scorer's forward also gives predictions.
         scored = scorer(ctx) if n_zeroed < budget else None
         logits = scored.logits if scored is not None else None
@@ -264,11 +266,11 @@ def search_chunk(
     *,
     settings: ScanSettings,
     reference_grad: torch.Tensor,
-    generator: torch.Generator,
     device: torch.device,
     reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[Found]:
-    """Search one chunk of flagged rows; misclassified rows are reported, not searched."""
+    """Search one chunk of flagged rows; misclassified rows are reported, not searched. Random
+    draws are keyed on each row's example id (:meth:`ImageDataset.ids_of`)."""
     x, y = data.batch(rows, device), data.labels[rows].to(device)
     pred = predict_masked(masks, model, x, torch.ones(len(rows), masks.space.total, device=device))
     ok = pred == y
@@ -285,7 +287,7 @@ def search_chunk(
             y[idx],
             settings=settings,
             reference_grad=reference_grad,
-            generator=generator,
+            ids=torch.tensor(data.ids_of(rows[idx.cpu()])),
             reference_batch=reference_batch,
         )
         if settings.prune:
