@@ -1,7 +1,10 @@
 """The scan journal: results appended as JSON lines while a scan runs, so it can resume.
 
 The first line is a header with a key (settings, model, data); each later line is one
-:class:`~memaudit.schema.ExampleResult`. A line cut short by a crash is dropped on resume.
+:class:`~memaudit.schema.ExampleResult`. A line cut short by a crash is dropped on resume. A scan
+over several processes writes one file per rank (``NAME.rank1.jsonl`` beside ``NAME.jsonl``);
+a result depends only on the key and the id, so a resume reads every file of the scan,
+whatever the world size that wrote it.
 """
 
 from __future__ import annotations
@@ -20,14 +23,24 @@ from memaudit.schema import ExampleResult
 FORMAT = "memaudit-scan-journal/1"
 
 
-def start(
-    journal: str | os.PathLike[str] | None, key: dict[str, Any], *, resume: bool
-) -> list[ExampleResult]:
-    """The results an earlier run wrote to ``journal`` (when resuming); a fresh one otherwise."""
-    if journal is None:
-        return []
+def rank_file(journal: str | os.PathLike[str], rank: int, world: int) -> Path:
+    """The file rank ``rank`` of ``world`` writes: the journal itself for one process."""
     path = Path(journal)
-    if path.exists() and resume:
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def files(journal: str | os.PathLike[str]) -> list[Path]:
+    """The journal and its per-rank files that exist."""
+    path = Path(journal)
+    ranks = sorted(path.parent.glob(f"{path.stem}.rank*{path.suffix}"))
+    return [p for p in (path, *ranks) if p.exists()]
+
+
+def read(journal: str | os.PathLike[str], key: dict[str, Any]) -> list[ExampleResult]:
+    """Every result the files of ``journal`` hold (a cut-short tail is left out); a clear error
+    if one was written by a scan with another key."""
+    results = []
+    for path in files(journal):
         lines = path.read_text().splitlines()
         header = json.loads(lines[0]) if lines else {}
         if header.get("format") != FORMAT or header.get("key") != key:
@@ -35,25 +48,52 @@ def start(
                 f"{path} was written by a scan with other settings, model or data; delete it to "
                 "start over or rerun with the same options"
             )
-        results = []
         for line in lines[1:]:
             try:
                 results.append(ExampleResult.model_validate_json(line))
             except ValidationError:
                 break  # a line cut short by a crash: redo from there
-        # Rewrite without any cut-short tail so later appends stay readable.
-        path.write_text("".join([lines[0] + "\n", *(r.model_dump_json() + "\n" for r in results)]))
-        return results
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": FORMAT, "key": key}) + "\n")
-    return []
+    return results
 
 
-def append(journal: str | os.PathLike[str] | None, results: Sequence[ExampleResult]) -> None:
-    """Append ``results`` and flush them to disk (they survive a crash or Ctrl-C)."""
+def start(
+    journal: str | os.PathLike[str] | None,
+    key: dict[str, Any],
+    *,
+    resume: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> Path | None:
+    """Open this process's journal file for appending: a fresh one, or (``resume``) the one it
+    wrote before, rewritten without a cut-short tail so later appends stay readable."""
     if journal is None:
+        return None
+    path = rank_file(journal, rank, world)
+    kept: list[str] = []
+    if resume and path.exists():
+        lines = path.read_text().splitlines()
+        for line in lines[1:]:
+            try:
+                ExampleResult.model_validate_json(line)
+            except ValidationError:
+                break
+            kept.append(line + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": FORMAT, "key": key}) + "\n" + "".join(kept))
+    return path
+
+
+def append(path: Path | None, results: Sequence[ExampleResult]) -> None:
+    """Append ``results`` and flush them to disk (they survive a crash or Ctrl-C)."""
+    if path is None:
         return
-    with open(journal, "a") as f:
+    with open(path, "a") as f:
         f.writelines(r.model_dump_json() + "\n" for r in results)
         f.flush()
         os.fsync(f.fileno())
+
+
+def remove(journal: str | os.PathLike[str]) -> None:
+    """Delete the journal and its per-rank files (after the report is written)."""
+    for path in files(journal):
+        path.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from memaudit import journal as journals
 from memaudit.auditor import Auditor
 from memaudit.cli._app import app, err, out
 from memaudit.cli._common import (
@@ -19,6 +20,7 @@ from memaudit.cli._common import (
     load_inputs,
     writable,
 )
+from memaudit.cli._launch import process_group, rank_device
 from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
@@ -90,17 +92,26 @@ def scan(
         bool, typer.Option("--resume", help="Continue an interrupted scan from its journal.")
     ] = False,
 ) -> None:
-    """Find, for each flagged example, the few units whose zeroing flips its prediction."""
+    """Find, for each flagged example, the few units whose zeroing flips its prediction.
+
+    Under ``torchrun --nproc-per-node N -m memaudit scan ...`` the ids are shared out between
+    the N processes (one model replica each, on cuda:LOCAL_RANK when there is CUDA); each
+    writes its own journal next to --out, and rank 0 writes the merged report.
+    """
     writable(out_path, "--out")
     if html is not None:
         writable(html, "--html")
     settings = scan_settings(settings)  # the scorer must be registered
+    load = load.model_copy(update={"device": rank_device(load.device)})
     inputs = load_inputs(model, flagged=flagged, options=load)
     ids = inputs.ids
     journal = out_path.with_suffix(".journal.jsonl")
-    report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)
+    with process_group(load.device, len(ids)) as world:
+        report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)
+    if world.rank != 0:
+        return
     report.to_json(out_path)
-    journal.unlink(missing_ok=True)
+    journals.remove(journal)
     if html is not None:
         write_html(html, report, command=command_line())
         err.print(f"page written to {html}")

@@ -31,8 +31,9 @@ example; the score is ``dL_i/dm = -dCE_i/dm (at m_i) + w * g_ref``. Three modes
 ``benchmarks/bench_scan.py`` measures all three against the sequential search in the same run.
 
 The package: :mod:`~memaudit.localize._scorers` (which unit next), :mod:`~memaudit.localize._search`
-(the greedy loop, the reference term, pruning, edit costs) and :mod:`~memaudit.localize._scan`
-(:func:`scan`, the whole scan of a list of ids as one function).
+(the greedy loop, the reference term, pruning, edit costs), :mod:`~memaudit.localize._scan`
+(:func:`scan`, the whole scan of a list of ids as one function) and
+:mod:`~memaudit.localize._shard` (the ranks of a scan under ``torchrun``).
 """
 
 from memaudit.localize._scan import flip_units, scan, scan_settings, to_result
@@ -55,6 +56,7 @@ from memaudit.localize._search import (
     reference_gradient,
     search_chunk,
 )
+from memaudit.localize._shard import World, expected_cost, shard
 
 __all__ = [
     "SCORERS",
@@ -62,8 +64,10 @@ __all__ = [
     "ScoreContext",
     "Scorer",
     "Scores",
+    "World",
     "edited_accuracy",
     "exact_reference_grad",
+    "expected_cost",
     "flip_units",
     "greedy_search",
     "predict_masked",
@@ -74,6 +78,7 @@ __all__ = [
     "scan",
     "scan_settings",
     "search_chunk",
+    "shard",
     "target_objective",
     "to_result",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from memaudit import journal as journals
 from memaudit.data import ImageDataset, complement, sample
@@ -15,6 +16,7 @@ from memaudit.engine import accuracy, pick_device
 from memaudit.errors import MemauditError, validated
 from memaudit.localize._scorers import SCORERS
 from memaudit.localize._search import Found, edited_accuracy, reference_gradient, search_chunk
+from memaudit.localize._shard import World, expected_cost, gather, shard
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import (
@@ -64,6 +66,12 @@ def scan(
     there as chunks finish, and ``resume=True`` skips the ids it already holds (same settings,
     model and data required). ``preflight`` (the check :class:`~memaudit.Auditor` and the CLI
     run first) is recorded in the report.
+
+    Under an initialized process group (``torchrun``), each rank searches its share of the ids
+    (:func:`~memaudit.localize.shard`, balanced by expected cost), appends to its own journal
+    file, and every rank returns the merged report: the single-process report of the same
+    inputs. A rank that fails leaves its journal; the others stop with an error naming the ids
+    missing, and ``resume=True`` (with any world size) searches only those.
     """
     cfg = settings or ScanSettings()
     if not ids:
@@ -81,40 +89,43 @@ def scan(
         "model": model.info.source,
         "data": train.ref.model_dump(mode="json"),
     }
-    results: dict[int, ExampleResult] = {
-        r.id: r for r in journals.start(journal, key, resume=resume)
-    }
+    world = World.current()
+    held = journals.read(journal, key) if journal is not None and resume else []
+    wanted = set(ids)
+    results: dict[int, ExampleResult] = {r.id: r for r in held if r.id in wanted}
+    if world.size > 1:
+        dist.barrier()  # every rank has read the journals before any rewrites its own
+    own = journals.start(journal, key, resume=resume, rank=world.rank, world=world.size)
     todo = [(i, int(r)) for i, r in zip(ids, rows.tolist(), strict=True) if i not in results]
+    n_searched = len(todo)  # by all ranks together
+    if world.size > 1:
+        costs = expected_cost(model, train, torch.tensor([r for _, r in todo]), device=dev)
+        todo = [todo[k] for k in shard(costs, world.size)[world.rank].tolist()]
     if on_progress:
         on_progress(len(results), len(ids))
-    with UnitMasks(model.net, space) as masks:
-        ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
-        ref_batch = None
-        if cfg.reference_mode != "shared":
-            ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
-        for chunk in [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]:
-            found = search_chunk(
-                model,
-                masks,
-                train,
-                torch.tensor([r for _, r in chunk]),
-                settings=cfg,
-                reference_grad=ref_grad,
-                reference_batch=ref_batch,
-                device=dev,
-            )
-            sets = [f.minimal for f in found if f.status is Status.FLIPPED]
-            ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
-            test_acc = (
-                edited_accuracy(model, masks, sets, test, test_rows, device=dev)
-                if test is not None and test_rows is not None
-                else None
-            )
-            new = _results(chunk, found, space, ref_acc, test_acc)
-            journals.append(journal, new)
-            results.update((r.id, r) for r in new)
-            if on_progress:
-                on_progress(len(results), len(ids))
+    mine: list[ExampleResult] = []  # what this process found (the others' come at the end)
+
+    def found(new: list[ExampleResult]) -> None:
+        journals.append(own, new)
+        mine.extend(new)
+        results.update((r.id, r) for r in new)
+        if on_progress:
+            on_progress(len(results), len(ids))
+
+    failure: Exception | None = None
+    try:
+        _search(model, train, test, todo, cfg, space, ref_rows, test_rows, dev, found)
+    except Exception as raised:  # with peers, tell them before stopping (Ctrl-C stops all)
+        if world.size == 1:
+            raise
+        failure = raised
+    if world.size > 1:
+        gathered, unfinished = _gathered(mine, world, journal, key, failed=failure is not None)
+        results.update((r.id, r) for r in gathered if r.id in wanted)
+        if unfinished is not None and failure is None:
+            raise _unfinished(ids, results, journal, unfinished)
+    if failure is not None:
+        raise failure
     examples = [results[i] for i in ids]
     seconds = time.perf_counter() - start
     ref_before = accuracy(model, train, ref_rows, device=dev) if len(ref_rows) else None
@@ -136,7 +147,7 @@ def scan(
         ),
         timing=Timing(
             seconds=seconds,
-            examples_per_second=len(todo) / seconds if seconds > 0 else 0.0,
+            examples_per_second=n_searched / seconds if seconds > 0 else 0.0,
             device=str(dev),
         ),
         preflight=preflight,
@@ -164,6 +175,76 @@ def flip_units(
     )
     space = model.units()
     return [[space.flat(u) for u in e.units] if e.flipped else [] for e in report.examples]
+
+
+def _search(
+    model: Classifier,
+    train: ImageDataset,
+    test: ImageDataset | None,
+    todo: list[tuple[int, int]],
+    cfg: ScanSettings,
+    space: UnitSpace,
+    ref_rows: torch.Tensor,
+    test_rows: torch.Tensor | None,
+    dev: torch.device,
+    found: Callable[[list[ExampleResult]], None],
+) -> None:
+    """Search ``todo`` (id, row) chunk by chunk; ``found`` gets each chunk's results."""
+    with UnitMasks(model.net, space) as masks:
+        ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
+        ref_batch = None
+        if cfg.reference_mode != "shared":
+            ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
+        for chunk in [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]:
+            searched = search_chunk(
+                model,
+                masks,
+                train,
+                torch.tensor([r for _, r in chunk]),
+                settings=cfg,
+                reference_grad=ref_grad,
+                reference_batch=ref_batch,
+                device=dev,
+            )
+            sets = [f.minimal for f in searched if f.status is Status.FLIPPED]
+            ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
+            test_acc = (
+                edited_accuracy(model, masks, sets, test, test_rows, device=dev)
+                if test is not None and test_rows is not None
+                else None
+            )
+            found(_results(chunk, searched, space, ref_acc, test_acc))
+
+
+def _gathered(
+    mine: list[ExampleResult],
+    world: World,
+    journal: str | os.PathLike[str] | None,
+    key: dict[str, Any],
+    *,
+    failed: bool,
+) -> tuple[list[ExampleResult], str | None]:
+    """Every rank's results, and why the scan did not finish (None: every rank did)."""
+    try:
+        results, failed_ranks = gather(mine, world, failed=failed)
+    except (RuntimeError, dist.DistError) as lost:  # a peer vanished mid-collective
+        held = journals.read(journal, key) if journal is not None else mine
+        return held, type(lost).__name__
+    if failed_ranks:
+        return results, "rank " + ", ".join(map(str, failed_ranks)) + " failed"
+    return results, None
+
+
+def _unfinished(
+    ids: Sequence[int], results: dict[int, ExampleResult], journal: object, reason: str
+) -> MemauditError:
+    missing = [i for i in ids if i not in results]
+    shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+    return MemauditError(
+        f"the scan did not finish ({reason}): {len(ids) - len(missing)} of {len(ids)} ids are "
+        f"in the journals ({journal or 'none kept'}); missing {len(missing)}: {shown}. Rerun "
+        "with --resume, with any number of processes, to scan only those"
+    )
 
 
 def to_result(
