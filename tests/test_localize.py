@@ -197,6 +197,15 @@ def test_random_draws_are_each_examples_own(
         assert _units(other_seed) != _units(together)
 
 
+def test_the_report_times_each_stage(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
+    model, data, test = tiny
+    report = Auditor(model, data, test, device="cpu").scan(list(range(6)), max_units=20)
+    stages = report.timing.stages
+    assert set(stages) == {"reference", "search", "prune", "evaluation"}
+    assert all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= report.timing.seconds
+
+
 def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
     model, data, _ = tiny
     report = Auditor(model, data, device="cpu").scan(list(range(10)), max_units=1)

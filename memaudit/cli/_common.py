@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,13 +142,15 @@ def say(text: str) -> None:
 class Inputs:
     """A checked model with its data and flagged ids: what every audit command works on.
 
-    ``auditor`` binds the model to its data; ``preflight`` is its check on these ids.
+    ``auditor`` binds the model to its data; ``preflight`` is its check on these ids;
+    ``seconds``: the wall time of loading and of the preflight check.
     """
 
     auditor: Auditor
     ids: list[int]
     rows: torch.Tensor
     preflight: Preflight
+    seconds: dict[str, float]
 
     @property
     def model(self) -> Classifier:
@@ -177,6 +180,7 @@ def load_inputs(
     command that audits a model comes through here.
     """
     opts = options or LoadOptions()
+    start = time.perf_counter()
     ids = read_ids(flagged)
     loaded = load_model(model, arch=opts.arch, trust_pickle=opts.trust_pickle)
     source, recorded = opts.data, None
@@ -210,7 +214,10 @@ def load_inputs(
     auditor = Auditor(
         loaded, train, test, device=opts.device, min_train_accuracy=opts.min_train_accuracy
     )
-    return Inputs(auditor, ids, rows, preflight(auditor, ids))
+    loaded_at = time.perf_counter()
+    checked = preflight(auditor, ids)
+    seconds = {"load": loaded_at - start, "preflight": time.perf_counter() - loaded_at}
+    return Inputs(auditor, ids, rows, checked, {k: round(v, 4) for k, v in seconds.items()})
 
 
 def preflight(auditor: Auditor, ids: list[int]) -> Preflight:

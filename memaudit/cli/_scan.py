@@ -52,6 +52,7 @@ def scan_table(report: ScanReport, *, title: str = "scan") -> Table:
         ("reference accuracy drop per edit", num(s.mean_reference_accuracy_drop, "{:.1%}")),
         ("test accuracy drop per edit", num(s.mean_test_accuracy_drop, "{:.1%}")),
         ("seconds", f"{report.timing.seconds:.1f} on {report.timing.device}"),
+        ("by stage (s)", ", ".join(f"{k} {v:.2f}" for k, v in report.timing.stages.items())),
     ]
     for name, value in rows:
         table.add_row(name, value)
@@ -110,6 +111,10 @@ def scan(
         report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)
     if world.rank != 0:
         return
+    stages = {**inputs.seconds, **report.timing.stages}
+    report = report.model_copy(
+        update={"timing": report.timing.model_copy(update={"stages": stages})}
+    )
     report.to_json(out_path)
     journals.remove(journal)
     if html is not None:

@@ -15,7 +15,13 @@ from memaudit.data import ImageDataset, complement, sample
 from memaudit.engine import accuracy, pick_device
 from memaudit.errors import MemauditError, validated
 from memaudit.localize._scorers import SCORERS
-from memaudit.localize._search import Found, edited_accuracy, reference_gradient, search_chunk
+from memaudit.localize._search import (
+    Found,
+    Stages,
+    edited_accuracy,
+    reference_gradient,
+    search_chunk,
+)
 from memaudit.localize._shard import World, expected_cost, gather, shard
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
@@ -112,9 +118,10 @@ def scan(
         if on_progress:
             on_progress(len(results), len(ids))
 
+    timed = Stages(dev)
     failure: Exception | None = None
     try:
-        _search(model, train, test, todo, cfg, space, ref_rows, test_rows, dev, found)
+        _search(model, train, test, todo, cfg, space, ref_rows, test_rows, dev, found, timed)
     except Exception as raised:  # with peers, tell them before stopping (Ctrl-C stops all)
         if world.size == 1:
             raise
@@ -149,6 +156,7 @@ def scan(
             seconds=seconds,
             examples_per_second=n_searched / seconds if seconds > 0 else 0.0,
             device=str(dev),
+            stages={k: round(v, 4) for k, v in timed.seconds.items()},
         ),
         preflight=preflight,
     )
@@ -188,13 +196,15 @@ def _search(
     test_rows: torch.Tensor | None,
     dev: torch.device,
     found: Callable[[list[ExampleResult]], None],
+    timed: Stages,
 ) -> None:
     """Search ``todo`` (id, row) chunk by chunk; ``found`` gets each chunk's results."""
     with UnitMasks(model.net, space) as masks:
-        ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
-        ref_batch = None
-        if cfg.reference_mode != "shared":
-            ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
+        with timed("reference"):
+            ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
+            ref_batch = None
+            if cfg.reference_mode != "shared":
+                ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
         for chunk in [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]:
             searched = search_chunk(
                 model,
@@ -205,14 +215,16 @@ def _search(
                 reference_grad=ref_grad,
                 reference_batch=ref_batch,
                 device=dev,
+                stages=timed,
             )
             sets = [f.minimal for f in searched if f.status is Status.FLIPPED]
-            ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
-            test_acc = (
-                edited_accuracy(model, masks, sets, test, test_rows, device=dev)
-                if test is not None and test_rows is not None
-                else None
-            )
+            with timed("evaluation"):
+                ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
+                test_acc = (
+                    edited_accuracy(model, masks, sets, test, test_rows, device=dev)
+                    if test is not None and test_rows is not None
+                    else None
+                )
             found(_results(chunk, searched, space, ref_acc, test_acc))
 
 

@@ -7,6 +7,9 @@ masks with ``masks.applied``; results are flat unit indices of the model's unit 
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +20,25 @@ from memaudit.localize._scorers import SCORERS, ScoreContext, rows_per_pass
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import ScanSettings, Status
+
+
+class Stages:
+    """Seconds spent in each stage, summed over its calls; CUDA is synchronized at each
+    boundary (once per stage and chunk, never inside the greedy loop)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -268,34 +290,42 @@ def search_chunk(
     reference_grad: torch.Tensor,
     device: torch.device,
     reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stages: Stages | None = None,
 ) -> list[Found]:
     """Search one chunk of flagged rows; misclassified rows are reported, not searched. Random
-    draws are keyed on each row's example id (:meth:`ImageDataset.ids_of`)."""
-    x, y = data.batch(rows, device), data.labels[rows].to(device)
-    pred = predict_masked(masks, model, x, torch.ones(len(rows), masks.space.total, device=device))
-    ok = pred == y
-    found: list[Found] = [
-        Found(int(r), int(y[i]), int(pred[i]), Status.MISCLASSIFIED, predicted_after=int(pred[i]))
-        for i, r in enumerate(rows.tolist())
-    ]
-    if ok.any():
-        idx = ok.nonzero().flatten()
+    draws are keyed on each row's example id (:meth:`ImageDataset.ids_of`); ``stages`` times
+    the search and the pruning."""
+    timed = stages or Stages(device)
+    with timed("search"):
+        x, y = data.batch(rows, device), data.labels[rows].to(device)
+        ones = torch.ones(len(rows), masks.space.total, device=device)
+        pred = predict_masked(masks, model, x, ones)
+        labels, preds = y.tolist(), pred.tolist()  # one transfer for the bookkeeping
+        found: list[Found] = [
+            Found(r, label, p, Status.MISCLASSIFIED, predicted_after=p)
+            for r, label, p in zip(rows.tolist(), labels, preds, strict=True)
+        ]
+        idx = [i for i, (label, p) in enumerate(zip(labels, preds, strict=True)) if label == p]
+        if not idx:
+            return found
+        at = torch.tensor(idx, device=device)
         searched = greedy_search(
             model,
             masks,
-            x[idx],
-            y[idx],
+            x[at],
+            y[at],
             settings=settings,
             reference_grad=reference_grad,
-            ids=torch.tensor(data.ids_of(rows[idx.cpu()])),
+            ids=torch.tensor(data.ids_of(rows[idx])),
             reference_batch=reference_batch,
         )
+    with timed("prune"):
         if settings.prune:
-            prune(model, masks, x[idx], y[idx], searched)
+            prune(model, masks, x[at], y[at], searched)
         else:
             for f in searched:
                 f.minimal = list(f.greedy)
-        for i, f in zip(idx.tolist(), searched, strict=True):
-            f.row, f.predicted_before = int(rows[i]), int(pred[i])
-            found[i] = f
+    for i, f in zip(idx, searched, strict=True):
+        f.row, f.predicted_before = found[i].row, preds[i]
+        found[i] = f
     return found

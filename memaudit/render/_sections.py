@@ -251,6 +251,7 @@ def _settings(view: View) -> str:
             "scan seconds": t.seconds,
             "examples / s": t.examples_per_second,
             "device": t.device,
+            **{f"{stage} (s)": seconds for stage, seconds in t.stages.items()},
         }
         if view.rescan is not None:
             timing["rescan seconds"] = view.rescan.timing.seconds

@@ -138,9 +138,9 @@ class AuditReport(Report):
     """
 
     KIND: ClassVar[str] = "audit"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight and verdict warnings
+    SCHEMA_VERSION: ClassVar[int] = 3  # 2: preflight, verdict warnings; 3: scan and unlearn 3
     kind: Literal["audit"] = "audit"
-    schema_version: int = 2
+    schema_version: int = 3
 
     verdict: Verdict
     scan: ScanReport = Field(description="the scan of the flagged ids on the original model")

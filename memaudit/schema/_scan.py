@@ -111,10 +111,15 @@ class ExampleResult(BaseModel):
 
 
 class Timing(BaseModel):
+    """Wall time of a scan; ``stages``: seconds of each stage (``reference``: the reference
+    gradient, ``search``: the greedy search, ``prune``, ``evaluation``: the after-edit
+    accuracy; the CLI adds ``load`` and ``preflight``)."""
+
     model_config = _STRICT
     seconds: float
     examples_per_second: float
     device: str
+    stages: dict[str, float] = Field(default_factory=dict)
 
 
 class ScanSummary(BaseModel):
@@ -140,10 +145,10 @@ class ScanReport(Report):
     """Typed result of ``memaudit scan`` (JSON Schema: ``memaudit schema scan``)."""
 
     KIND: ClassVar[str] = "scan"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    SCHEMA_VERSION: ClassVar[int] = 3  # 2: preflight; 3: timing.stages
 
     kind: Literal["scan"] = "scan"
-    schema_version: int = 2
+    schema_version: int = 3
     model: ModelSummary
     data: DataSummary
     settings: ScanSettings

@@ -132,9 +132,9 @@ class UnlearnReport(Report):
     """
 
     KIND: ClassVar[str] = "unlearn"
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: preflight
+    SCHEMA_VERSION: ClassVar[int] = 3  # 2: preflight; 3: membership ROC curves, retrain scores
     kind: Literal["unlearn"] = "unlearn"
-    schema_version: int = 2
+    schema_version: int = 3
 
     method: str
     settings: dict[str, float | int | str | bool | None] = Field(
