@@ -219,3 +219,39 @@ def test_a_given_reference_is_the_yardstick_and_a_wrong_one_is_refused(tmp_path:
     argv += ["--data", str(tmp_path / "d.npz"), "--method", "finetune", "--epochs", "1"]
     argv += ["--out-model", str(tmp_path / "u.safetensors"), "--device", "cpu"]
     assert main([*argv, "--retrained", str(tmp_path / "other.safetensors")]) == 2
+
+
+def test_a_weak_reference_is_flagged_in_the_verdict_and_fails_the_gap_gate() -> None:
+    """A reference that never learned the task is no yardstick: the report says so."""
+    from memaudit.render.sentences import gate_message, unlearn_sentences
+    from memaudit.schema import gates, verdict
+    from memaudit.unlearn import unlearn
+
+    data = _random_label_data(96, seed=0)
+    member = _trained(data, torch.arange(96), seed=1)
+    test = ImageDataset(data.images[:48].clone(), data.labels[:48].clone())  # fit by `member`
+    untrained = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 4})
+    result = unlearn(
+        member,  # type: ignore[arg-type]
+        data,
+        list(range(32)),
+        test=test,
+        method="finetune",
+        epochs=1,
+        batch_size=16,
+        retrained=untrained,
+        device="cpu",
+    )
+    check = result.report.reference_check
+    assert check is not None and check.weak and check.shortfall > check.margin
+    said = " ".join(unlearn_sentences([result.report]))
+    assert "The yardstick is weak" in said and "not evidence" in said
+    fair = check.model_copy(update={"retrain_test_accuracy": check.original_test_accuracy})
+    assert not fair.weak
+
+    from test_report_html import synthetic_scan
+
+    found = verdict(synthetic_scan(5), localized_units=5, unlearn=result.report)
+    assert found.weak_reference
+    (gate,) = gates(found, max_gap_to_retrain=1.0)
+    assert not gate.passed and "no evidence" in gate_message(gate)

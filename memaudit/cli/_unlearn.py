@@ -83,6 +83,12 @@ def unlearn_table(report: UnlearnReport) -> Table:
         caption += f"; average gap to the reference {gap:.1%}"
     if report.agreement_with_retrain is not None:
         caption += f"; {report.agreement_with_retrain:.0%} of flagged ids predicted as it does"
+    check = report.reference_check
+    if check is not None and check.weak:
+        caption += (
+            f"; WEAK REFERENCE: {check.shortfall:.1%} below the original's test accuracy, its "
+            "gaps are not evidence"
+        )
     table.caption = caption
     return table
 

@@ -24,6 +24,11 @@ def gate_message(gate: Gate) -> str:
             else ""
         )
         return f"gate --{gate.name} failed: the {what} could not be measured{hint}"
+    if gate.weak_reference:
+        return (
+            f"gate --{gate.name} failed: the {what} is {gate.value:.1%}, but the retrained "
+            "reference falls short of the original's test accuracy, so it is no evidence"
+        )
     if gate.passed:
         return f"gate --{gate.name} passed: {what} {gate.value:.1%} <= {gate.threshold:.1%}"
     return (
@@ -59,6 +64,31 @@ def membership_sentence(u: UnlearnReport) -> str | None:
     else:
         line += ". After unlearning the flagged ids are not distinguishable from unseen ones"
     return line + "."
+
+
+def reference_sentence(u: UnlearnReport) -> str | None:
+    """Whether the yardstick is trustworthy, with the test accuracies that say so."""
+    check = u.reference_check
+    if check is None:
+        return None
+    parts = []
+    if check.retrain_test_accuracy is not None:
+        parts.append(f"the retrained reference {_pct(check.retrain_test_accuracy)}")
+    if check.references_test_accuracy:
+        low = min(check.references_test_accuracy)
+        parts.append(f"the membership references {_pct(low)} at the lowest")
+    if not parts:
+        return None
+    line = f"Test accuracy of the original model {_pct(check.original_test_accuracy)}; " + (
+        ", ".join(parts)
+    )
+    if check.weak:
+        return (
+            f"{line}: {check.shortfall * 100:.1f} pts short, more than the "
+            f"{check.margin * 100:g}-pt margin. The yardstick is weak (the retraining recipe may "
+            "not suit this architecture): the gaps to it are not evidence."
+        )
+    return f"{line}: within {check.margin * 100:g} pts, a fair yardstick."
 
 
 def gap_sentence(u: UnlearnReport) -> str | None:
@@ -152,6 +182,7 @@ def verdict_sentences(
             f"{_num(u.after.mia_auc)}."
         )
     lines += [said for u in unlearns if (said := membership_sentence(u))]
+    lines += [said for u in unlearns if (said := reference_sentence(u))]
     lines += [said for u in unlearns if (said := gap_sentence(u))]
     if unlearn_skipped:
         lines.append("Unlearning was not run (--no-unlearn).")
@@ -173,6 +204,7 @@ def unlearn_sentences(unlearns: Sequence[UnlearnReport]) -> list[str]:
         for u in unlearns
     ]
     lines += [said for u in unlearns if (said := membership_sentence(u))]
+    lines += [said for u in unlearns if (said := reference_sentence(u))]
     lines += [said for u in unlearns if (said := gap_sentence(u))]
     warnings = dict.fromkeys(w for u in unlearns if u.preflight for w in u.preflight.warnings)
     return lines + [f"Caution: {w}." for w in warnings]

@@ -65,6 +65,7 @@ class Gate(BaseModel):
     threshold: float
     value: float | None = Field(description="the measured value; None if it could not be")
     passed: bool
+    weak_reference: bool = Field(False, description="failed: the reference it gaps is weak")
 
 
 class Verdict(BaseModel):
@@ -82,6 +83,9 @@ class Verdict(BaseModel):
     n_localized_after: int | None = Field(None, description="still flip with <= N units (rescan)")
     warnings: list[str] = Field(
         default_factory=list, description="what limits the audit (from the preflight check)"
+    )
+    weak_reference: bool = Field(
+        False, description="the retrained reference falls short of the original's test accuracy"
     )
     gap_to_retrain: float | None = Field(
         None, description="average gap of the unlearned model to the retrained reference"
@@ -188,6 +192,7 @@ def verdict(
         n_localized_after=n_localized(rescan, localized_units) if rescan else None,
         warnings=list(scan.preflight.warnings) if scan.preflight else [],
         gap_to_retrain=unlearn.average_gap() if unlearn else None,
+        weak_reference=bool(unlearn and unlearn.reference_check and unlearn.reference_check.weak),
         membership_tpr_after=(
             unlearn.membership.after.tpr_at_1pct_fpr.value
             if unlearn and unlearn.membership
@@ -211,9 +216,18 @@ def gates(
         ("max-gap-to-retrain", max_gap_to_retrain, found.gap_to_retrain),
         ("max-membership-tpr", max_membership_tpr, found.membership_tpr_after),
     ]
-    # A gate that was set but could not be measured fails: a pipeline must not pass silently.
+    # A gate that was set but could not be measured fails: a pipeline must not pass silently;
+    # so does a gap to a weak reference, which is no evidence.
     return [
-        Gate(name=name, threshold=limit, value=value, passed=value is not None and value <= limit)
+        Gate(
+            name=name,
+            threshold=limit,
+            value=value,
+            passed=value is not None
+            and value <= limit
+            and not (name == "max-gap-to-retrain" and found.weak_reference),
+            weak_reference=name == "max-gap-to-retrain" and found.weak_reference,
+        )
         for name, limit, value in checks
         if limit is not None
     ]

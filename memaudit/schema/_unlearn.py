@@ -33,6 +33,13 @@ class UnlearnSettings(BaseModel):
     retrain_epochs: int | None = Field(
         None, ge=1, description="epochs of retraining and of the membership references"
     )
+    reference_margin: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="a reference whose test accuracy falls more than this short of the "
+        "original's is reported as a weak yardstick",
+    )
     membership_references: int = Field(
         0,
         ge=0,
@@ -120,6 +127,27 @@ class Membership(BaseModel):
     scores: list[IdScore]
 
 
+class ReferenceCheck(BaseModel):
+    """Is the yardstick trustworthy? The retrained reference's (and the membership references')
+    test accuracy beside the original model's: one more than ``margin`` short is weak."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    margin: float
+    original_test_accuracy: float
+    retrain_test_accuracy: float | None = None
+    references_test_accuracy: list[float] = Field(default_factory=list)
+
+    @property
+    def shortfall(self) -> float:
+        """The most any reference falls short of the original's test accuracy (0: none)."""
+        found = [self.retrain_test_accuracy, *self.references_test_accuracy]
+        return max([0.0] + [self.original_test_accuracy - a for a in found if a is not None])
+
+    @property
+    def weak(self) -> bool:
+        return self.shortfall > self.margin
+
+
 class UnlearnReport(Report):
     """Before/after scores of removing flagged examples from a model, on the same data.
 
@@ -165,6 +193,9 @@ class UnlearnReport(Report):
     )
     agreement_with_retrain: float | None = Field(
         None, ge=0, le=1, description="share of flagged ids predicted as the reference predicts"
+    )
+    reference_check: ReferenceCheck | None = Field(
+        None, description="the references' test accuracy against the original's (needs test)"
     )
 
     def gap_to_retrain(self) -> float | None:

@@ -12,11 +12,17 @@ from typing import Any
 import torch
 
 from memaudit.data import ImageDataset, complement, validate_rows
-from memaudit.engine import evaluate, pick_device, predict
+from memaudit.engine import accuracy, evaluate, pick_device, predict
 from memaudit.errors import MemauditError, validated
 from memaudit.membership import attack, summarize
 from memaudit.models import Classifier
-from memaudit.schema import Membership, UnlearnReport, UnlearnScores, UnlearnSettings
+from memaudit.schema import (
+    Membership,
+    ReferenceCheck,
+    UnlearnReport,
+    UnlearnScores,
+    UnlearnSettings,
+)
 from memaudit.schema._inputs import Preflight
 from memaudit.unlearn._methods import METHODS, Option, UnlearnJob, UnlearnMethod
 
@@ -244,6 +250,14 @@ def unlearn(
             scored["retrain"] = retrained
         found = attack(scored, refs, train_set, rows, device=dev, seed=seed)
         membership = summarize(found, train_set.ids_of(rows), len(refs))
+    check = None
+    if test is not None and len(test) and before.test_accuracy is not None:
+        check = ReferenceCheck(
+            margin=cfg.reference_margin,
+            original_test_accuracy=before.test_accuracy,
+            retrain_test_accuracy=retrain_scores.test_accuracy if retrain_scores else None,
+            references_test_accuracy=[accuracy(m, test, device=dev) for m in refs],
+        )
     report = UnlearnReport(
         method=method,
         settings={
@@ -268,6 +282,7 @@ def unlearn(
         n_test=len(test) if test is not None else 0,
         preflight=preflight,
         membership=membership,
+        reference_check=check,
     )
     return UnlearnResult(
         model=unlearned.cpu(),
