@@ -179,6 +179,8 @@ def test_launcher_errors_are_one_line(
     monkeypatch.setenv("WORLD_SIZE", "5")
     assert main(argv) == 2
     assert "5 processes for 3 flagged ids" in error_line()
+    assert main(["unlearn", *argv[1:4], "--out-model", str(tmp_path / "u.safetensors")]) == 2
+    assert "memaudit unlearn runs in one process" in error_line()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 
 from memaudit._version import __version__
+from memaudit.errors import MemauditError
 
 app = typer.Typer(
     name="memaudit",
@@ -25,10 +28,20 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+SHARDED = {"scan"}  # the commands that share their work out under torchrun
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """memaudit: does this model remember these images, where, and can it forget them?"""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and ctx.invoked_subcommand not in SHARDED:
+        raise MemauditError(
+            f"memaudit {ctx.invoked_subcommand} runs in one process; under torchrun only "
+            f"{', '.join(f'memaudit {c}' for c in sorted(SHARDED))} shares its work out: run it "
+            "without torchrun"
+        )
