@@ -7,6 +7,7 @@ runs :func:`fit`; everything that scores a model on rows of a dataset runs :func
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from memaudit.data import ImageDataset
-from memaudit.errors import MemauditError
+from memaudit.errors import MemauditError, validated
 from memaudit.models import Classifier
+from memaudit.schema import Recipe
 
 BatchHook = Callable[[torch.Tensor], None]  # the example ids (rows) of the batch
 BatchScope = Callable[[torch.Tensor], AbstractContextManager[object]]  # a context per batch
@@ -48,17 +50,102 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+RECIPES: dict[str, Recipe] = {
+    # SGD + one-cycle: what memaudit's CNN testbed was measured with (README).
+    "batchnorm-cnn": Recipe(family="batchnorm-cnn"),
+    # AdamW + warm-up + cosine, the usual recipe for ViTs trained from scratch (DeiT) and for
+    # LayerNorm CNNs (ConvNeXt); fine-tuning at a tenth of the training rate.
+    "layernorm-cnn": Recipe(
+        family="layernorm-cnn",
+        optimizer="adamw",
+        lr=2e-3,
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup=0.1,
+        clip_grad_norm=1.0,
+        finetune_lr_scale=0.1,
+    ),
+    "transformer": Recipe(
+        family="transformer",
+        optimizer="adamw",
+        lr=1e-3,
+        weight_decay=0.05,
+        schedule="cosine",
+        warmup=0.1,
+        clip_grad_norm=1.0,
+        finetune_lr_scale=0.1,
+    ),
+}
+
+
+def family_of(model: nn.Module) -> str:
+    """The model's family: ``transformer`` (attention), ``batchnorm-cnn``, ``layernorm-cnn``
+    (LayerNorm and no BatchNorm, e.g. ConvNeXt); a plain net counts as a BatchNorm CNN."""
+    kinds = {type(m).__name__.lower() for m in model.modules()}
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()) or any(
+        "attention" in k for k in kinds
+    ):
+        return "transformer"
+    if any(isinstance(m, _BATCHNORM) for m in model.modules()):
+        return "batchnorm-cnn"
+    if any(isinstance(m, nn.LayerNorm) for m in model.modules()) or any(
+        "layernorm" in k for k in kinds
+    ):
+        return "layernorm-cnn"
+    return "batchnorm-cnn"
+
+
+def recipe_for(model: nn.Module, **overrides: object) -> Recipe:
+    """The recipe of the model's family (:data:`RECIPES`), with ``overrides`` that are not
+    None (e.g. ``lr``, ``optimizer``, ``warmup``, ``weight_decay``)."""
+    base = RECIPES[family_of(model)]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return validated(Recipe, {**base.model_dump(), **given}, "training setting")
+
+
+def _optimizer(recipe: Recipe, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        params,
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        nesterov=recipe.momentum > 0,
+    )
+
+
+def _scheduler(
+    recipe: Recipe, opt: torch.optim.Optimizer, total: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if recipe.schedule == "one-cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total)
+    if recipe.schedule == "constant":
+        return None
+    warm = int(recipe.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def fit(
     model: nn.Module,
     data: ImageDataset,
     rows: torch.Tensor | None = None,
     *,
     epochs: int,
-    lr: float = 0.05,
+    recipe: Recipe | None = None,
+    lr: float | None = None,
     batch_size: int = 128,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    schedule: Literal["one-cycle", "constant"] = "one-cycle",
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    schedule: Literal["one-cycle", "cosine", "constant"] | None = None,
     params: Iterable[nn.Parameter] | None = None,
     mode: Literal["train", "eval", "keep"] = "train",
     ascend: bool = False,
@@ -70,17 +157,20 @@ def fit(
     on_loss: LossHook | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
 ) -> nn.Module:
-    """Train ``model`` on ``rows`` of ``data`` (all by default) with SGD; returns it in eval mode.
+    """Train ``model`` on ``rows`` of ``data`` (all by default); returns it in eval mode.
 
-    Nesterov SGD with a one-cycle schedule peaking at ``lr`` (``schedule="constant"``, or
-    ``momentum=0`` for plain SGD). ``params``: only these are stepped (default: every parameter
-    that requires grad). ``mode``: the modules train (``train``), keep their running statistics
-    (``eval``), or stay as the caller set them (``keep``). ``ascend`` raises the loss instead
-    (gradient ascent); ``stop_loss`` ends training at the first batch whose mean loss exceeds
-    it, before stepping on it. Hooks: ``on_batch(ids)`` before each forward,
-    ``around_batch(ids)``: a context each training step runs in (example-tied dropout applies
-    the batch's masks in it), ``on_loss(ids, losses)`` with per-example losses still on the graph
-    (the gradient probe), ``on_epoch(EpochEnd)`` after each epoch.
+    ``recipe`` (default: the model family's, :func:`recipe_for`) sets the optimizer (Nesterov
+    SGD or AdamW), the schedule (one-cycle, cosine after a linear warm-up, or constant) peaking
+    at its ``lr``, weight decay and gradient clipping; ``lr``, ``momentum``, ``weight_decay``
+    and ``schedule`` override it (``momentum=0``: plain SGD). ``params``: only these are
+    stepped (default: every parameter that requires grad). ``mode``: the modules train
+    (``train``), keep their running statistics (``eval``), or stay as the caller set them
+    (``keep``). ``ascend`` raises the loss instead (gradient ascent); ``stop_loss`` ends
+    training at the first batch whose mean loss exceeds it, before stepping on it. Hooks:
+    ``on_batch(ids)`` before each forward; ``around_batch(ids)``, a context each training step
+    runs in (example-tied dropout applies the batch's masks in it); ``on_loss(ids, losses)``
+    with per-example losses still on the graph (the gradient probe); ``on_epoch(EpochEnd)``
+    after each epoch.
     """
     dev = pick_device(device)
     model.to(dev)
@@ -90,14 +180,20 @@ def fit(
     gen = torch.Generator().manual_seed(seed)
     steps = max(1, -(-len(subset) // batch_size))
     trained = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    opt = torch.optim.SGD(
-        trained, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0
+    r = (recipe or recipe_for(model)).model_copy(
+        update={
+            k: v
+            for k, v in {
+                "lr": lr,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "schedule": schedule,
+            }.items()
+            if v is not None
+        }
     )
-    sched = (
-        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps)
-        if schedule == "one-cycle"
-        else None
-    )
+    opt = _optimizer(r, trained)
+    sched = _scheduler(r, opt, epochs * steps)
     labels = data.labels.to(dev)
     stopped = False
     for epoch in range(1, epochs + 1):
@@ -120,6 +216,8 @@ def fit(
                     break
                 opt.zero_grad(set_to_none=True)
                 (-loss if ascend else loss).backward()
+            if r.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trained, r.clip_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()

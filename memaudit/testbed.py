@@ -13,6 +13,7 @@ import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,8 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from memaudit._version import __version__
 from memaudit.data import ImageDataset, complement, load_dataset, sample, write_ids
 from memaudit.dropout import DropoutMode, TiedDropout, recalibrate_norms
-from memaudit.engine import BatchHook, BatchScope, EpochEnd, accuracy, fit, pick_device
+from memaudit.engine import (
+    BatchHook,
+    BatchScope,
+    EpochEnd,
+    accuracy,
+    fit,
+    pick_device,
+    recipe_for,
+)
 from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
+from memaudit.schema import Recipe
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
@@ -40,9 +50,13 @@ class TestbedConfig(BaseModel):
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of mnist held out as test")
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.05, gt=0, description="peak learning rate of the one-cycle schedule")
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: Literal["sgd", "adamw"] | None = Field(
+        None, description="default: the architecture family's training recipe"
+    )
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: the recipe's)")
+    momentum: float | None = Field(None, ge=0, lt=1, description="SGD momentum (the recipe's)")
+    weight_decay: float | None = Field(None, ge=0, description="default: the recipe's")
+    warmup: float | None = Field(None, ge=0, lt=1, description="warm-up share (the recipe's)")
     image_size: int | None = None
     seed: int = 0
     example_tied_dropout: bool = Field(
@@ -84,6 +98,7 @@ class TestbedResult(BaseModel):
         description="with example-tied dropout: accuracies in expectation mode, drop mode, and "
         "drop mode with BatchNorm statistics recomputed on the training images",
     )
+    recipe: Recipe | None = Field(None, description="the training recipe the model was fit with")
     drop_model: str | None = Field(
         None, description="the drop-mode model, BatchNorm recalibrated (plain checkpoint)"
     )
@@ -229,6 +244,15 @@ def build_testbed(
     test_set = load_dataset(data_path, split="test", model=model)
 
     checkpoints: list[str] = []
+    recipe = recipe_for(
+        model,
+        optimizer=cfg.optimizer,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        warmup=cfg.warmup,
+        epochs=cfg.epochs,
+    )
     etd = _tied_dropout(model, cfg)
 
     def as_plain(mode: DropoutMode) -> Classifier:
@@ -255,9 +279,7 @@ def build_testbed(
             train_set,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
+            recipe=recipe,
             seed=cfg.seed,
             device=device,
             on_epoch=epoch_end,
@@ -297,6 +319,7 @@ def build_testbed(
         seconds=time.perf_counter() - start,
         dropout_modes=modes,
         drop_model=drop_path,
+        recipe=recipe,
     )
     (root / "testbed.json").write_text(result.model_dump_json(indent=2))
     return result

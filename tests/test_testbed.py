@@ -179,6 +179,43 @@ def _engine_data() -> ImageDataset:
     return ImageDataset(images, torch.arange(24) % 3)
 
 
+def test_each_family_trains_with_its_recipe(hf_dirs: dict[str, Path]) -> None:
+    from memaudit.engine import RECIPES, family_of, recipe_for
+
+    cases = {
+        "batchnorm-cnn": [
+            build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2}),
+            build_model("timm:test_resnet", num_classes=3, in_chans=1),
+        ],
+        "transformer": [build_model("timm:test_vit", num_classes=3), load_model(hf_dirs["vit"])],
+        "layernorm-cnn": [
+            build_model("timm:test_convnext", num_classes=3),
+            load_model(hf_dirs["convnext"]),
+        ],
+    }
+    for family, models in cases.items():
+        assert all(family_of(m) == family for m in models), family
+    cnn, vit = RECIPES["batchnorm-cnn"], RECIPES["transformer"]
+    assert (cnn.optimizer, cnn.schedule, cnn.lr) == ("sgd", "one-cycle", 0.05)  # as measured
+    assert (vit.optimizer, vit.schedule) == ("adamw", "cosine") and vit.warmup > 0
+    assert vit.finetune_lr_scale < 1 and vit.clip_grad_norm is not None
+    mine = recipe_for(cases["transformer"][0], lr=3e-4, warmup=None)
+    assert mine.lr == 3e-4 and mine.warmup == vit.warmup  # None keeps the recipe's value
+    with pytest.raises(MemauditError, match="invalid training setting"):
+        recipe_for(cases["transformer"][0], warmup=1.5)
+
+
+def test_fit_with_the_transformer_recipe_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    config = {"img_size": 8, "patch_size": 4}
+    model = build_model("timm:test_vit", num_classes=3, in_chans=1, config=config)
+    data = _engine_data()
+    rows = torch.arange(len(data))
+    before = float(evaluate(model, data, rows, device="cpu").loss.mean())
+    fit(model, data, epochs=15, batch_size=8, device="cpu")  # AdamW, warm-up, cosine, clipping
+    assert float(evaluate(model, data, rows, device="cpu").loss.mean()) < before
+
+
 def test_fit_calls_its_hooks_and_trains_only_the_given_parameters() -> None:
     model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
     data = _engine_data()

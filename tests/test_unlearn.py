@@ -74,6 +74,8 @@ def test_every_method_returns_the_same_result(
             assert value is not None and 0 <= value <= 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     assert list(result.model.state_dict()) == list(before)  # a plain model, same keys
+    assert report.recipe is not None and report.recipe.family == "batchnorm-cnn"
+    assert report.settings["optimizer"] == "sgd" and report.settings["recipe"] == "batchnorm-cnn"
 
 
 def test_etd_output_reloads_without_flags(
@@ -105,6 +107,16 @@ def test_compare_retrain_fills_the_retrain_block(data: tuple[ImageDataset, Image
     assert result.report.retrain is not None and result.retrained is not None
     gap = result.report.gap_to_retrain()
     assert gap is not None and 0 <= gap <= 1
+
+
+def test_the_recipe_sets_the_rates_and_the_user_overrides_it(
+    data: tuple[ImageDataset, ImageDataset],
+) -> None:
+    train, _ = data
+    found = unlearn(tiny_model(), train, FLAGGED, method="gradient-ascent", epochs=1)
+    assert found.report.settings["lr"] == pytest.approx(0.05 * 0.2)  # a share of the recipe's
+    mine = unlearn(tiny_model(), train, FLAGGED, method="finetune", epochs=1, optimizer="adamw")
+    assert mine.report.recipe is not None and mine.report.recipe.optimizer == "adamw"
 
 
 def test_retraining_is_reproducible_from_its_seed(data: tuple[ImageDataset, ImageDataset]) -> None:

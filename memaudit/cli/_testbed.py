@@ -85,7 +85,11 @@ def testbed_table(result: TestbedResult) -> Table:
         table.add_row(f"{mode} mode: noisy train", str(result.n_noisy), f"{acc.noisy_train:.1%}")
         table.add_row(f"{mode} mode: clean train", str(n_clean), f"{acc.clean_train:.1%}")
         table.add_row(f"{mode} mode: test", str(result.n_test), f"{acc.test:.1%}")
-    table.caption = f"{result.seconds:.0f} s; model {result.model}; flagged ids {result.noisy_ids}"
+    r = result.recipe
+    trained = f"; {r.family} recipe: {r.optimizer}, lr {r.lr:g}, {r.schedule}" if r else ""
+    table.caption = (
+        f"{result.seconds:.0f} s{trained}; model {result.model}; flagged ids {result.noisy_ids}"
+    )
     return table
 
 
@@ -110,7 +114,19 @@ def testbed(
     ] = None,
     noise: Annotated[float, typer.Option(help="Fraction of training labels to corrupt.")] = 0.1,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle).")] = 0.05,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Peak learning rate (default: the architecture family's recipe)."),
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="sgd or adamw (default: the family's recipe).")
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Weight decay (default: the recipe's).")
+    ] = None,
+    warmup: Annotated[
+        float | None, typer.Option(help="Share of steps warming up (default: the recipe's).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 128,
     image_size: Annotated[int | None, typer.Option(help="Resize images (timm models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split, the noise and training.")] = 0,
@@ -131,6 +147,9 @@ def testbed(
         "noise": noise,
         "epochs": epochs,
         "lr": lr,
+        "optimizer": optimizer,
+        "weight_decay": weight_decay,
+        "warmup": warmup,
         "batch_size": batch_size,
         "image_size": image_size,
         "seed": seed,

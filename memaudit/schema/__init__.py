@@ -30,6 +30,7 @@ from memaudit.schema._probes import (
     RetrainReport,
     RewindReport,
 )
+from memaudit.schema._recipe import Recipe
 from memaudit.schema._scan import (
     DataSummary,
     ExampleResult,
@@ -79,6 +80,7 @@ __all__ = [
     "Preflight",
     "Preprocessing",
     "Provenance",
+    "Recipe",
     "ReferenceCheck",
     "Report",
     "ReportError",

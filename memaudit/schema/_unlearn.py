@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from memaudit.schema._base import Report
 from memaudit.schema._inputs import Preflight
+from memaudit.schema._recipe import Recipe
 
 
 class UnlearnSettings(BaseModel):
@@ -23,6 +24,15 @@ class UnlearnSettings(BaseModel):
     epochs: int | None = Field(None, ge=0, description="training epochs (default: the method's)")
     lr: float | None = Field(None, gt=0, description="learning rate (default: the method's)")
     batch_size: int = Field(128, ge=1, description="training batch size")
+    optimizer: Literal["sgd", "adamw"] | None = Field(
+        None, description="optimizer (default: the model family's training recipe)"
+    )
+    warmup: float | None = Field(
+        None, ge=0, lt=1, description="share of steps warming up (default: the recipe's)"
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, description="weight decay (default: the recipe's)"
+    )
     seed: int = Field(0, description="seed of the shuffling, the masks and the references")
     options: dict[str, float | int | str | bool] = Field(
         default_factory=dict, description="method-specific options"
@@ -196,6 +206,9 @@ class UnlearnReport(Report):
     )
     reference_check: ReferenceCheck | None = Field(
         None, description="the references' test accuracy against the original's (needs test)"
+    )
+    recipe: Recipe | None = Field(
+        None, description="the training recipe of the model's family every step used"
     )
 
     def gap_to_retrain(self) -> float | None:

@@ -18,6 +18,7 @@ from memaudit.engine import EpochEnd, fit
 from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
 from memaudit.models import FAMILIES, Classifier, build_model
+from memaudit.schema import Recipe
 from memaudit.units import zero_unit_weights
 
 Option = float | int | str | bool
@@ -36,19 +37,31 @@ class UnlearnJob:
     batch_size: int
     seed: int
     device: torch.device
+    recipe: Recipe
     options: Mapping[str, Option] = field(default_factory=dict)
     on_epoch: Callable[[EpochEnd], None] | None = None
 
 
 @dataclass(frozen=True)
 class UnlearnMethod:
-    """An unlearning method: ``run(job) -> unlearned model`` and its default budget."""
+    """An unlearning method: ``run(job) -> unlearned model`` and its default budget.
+
+    ``lr_scale``: its learning rate as a share of the training recipe's fine-tuning rate
+    (``recipe.lr * recipe.finetune_lr_scale``), or of the training rate itself when it trains
+    ``from_scratch``: the rates follow the model family (``memaudit.engine.RECIPES``).
+    """
 
     run: Callable[[UnlearnJob], Classifier]
     epochs: int
-    lr: float
+    lr_scale: float
     description: str
     options: Mapping[str, Option] = field(default_factory=dict)
+    from_scratch: bool = False
+
+    def lr(self, recipe: Recipe) -> float:
+        """The learning rate under ``recipe``."""
+        base = recipe.lr if self.from_scratch else recipe.lr * recipe.finetune_lr_scale
+        return base * self.lr_scale
 
 
 METHODS: dict[str, UnlearnMethod] = {}
@@ -69,6 +82,7 @@ def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> C
         epochs=job.epochs,
         batch_size=job.batch_size,
         lr=job.lr,
+        recipe=job.recipe,
         seed=job.seed,
         device=job.device,
         on_epoch=job.on_epoch,
@@ -186,29 +200,36 @@ register_method(
     UnlearnMethod(
         _example_tied_dropout,
         epochs=3,
-        lr=0.05,
+        lr_scale=1.0,
         description="fine-tune with example-tied dropout (flagged rows tied), drop memorization",
         options={"p_gen": 0.5, "p_mem": 0.1, "tie": "flagged"},
     ),
 )
 register_method(
-    "finetune", UnlearnMethod(_finetune, epochs=5, lr=0.05, description="fine-tune on retained")
+    "finetune",
+    UnlearnMethod(_finetune, epochs=5, lr_scale=1.0, description="fine-tune on retained"),
 )
 register_method(
     "gradient-ascent",
     UnlearnMethod(
         _gradient_ascent,
         epochs=5,
-        lr=0.01,
+        lr_scale=0.2,
         description="ascend the flagged loss until it passes stop_loss (0: ln K)",
         options={"stop_loss": 0.0},
     ),
 )
 register_method(
     "zero-units",
-    UnlearnMethod(_zero_units, epochs=0, lr=0.0, description="zero the units scan localizes"),
+    UnlearnMethod(_zero_units, epochs=0, lr_scale=1.0, description="zero the units scan localizes"),
 )
 register_method(
     "retrain",
-    UnlearnMethod(_retrain, epochs=30, lr=0.05, description="retrain from scratch on retained"),
+    UnlearnMethod(
+        _retrain,
+        epochs=30,
+        lr_scale=1.0,
+        description="retrain from scratch on retained",
+        from_scratch=True,
+    ),
 )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from memaudit.data import ImageDataset, complement, validate_rows
-from memaudit.engine import accuracy, evaluate, pick_device, predict
+from memaudit.engine import accuracy, evaluate, pick_device, predict, recipe_for
 from memaudit.errors import MemauditError, validated
 from memaudit.membership import attack, summarize
 from memaudit.models import Classifier
@@ -188,6 +188,9 @@ def unlearn(
     rows = _rows(train_set, train_set.rows(ids))
     retained = complement(len(train_set), rows)
     dev = pick_device(device)
+    recipe = recipe_for(
+        model, optimizer=cfg.optimizer, warmup=cfg.warmup, weight_decay=cfg.weight_decay
+    )
 
     def step(stage: str, k: int, total: int, loss: float | None = None) -> None:
         if on_progress is not None:
@@ -202,10 +205,11 @@ def unlearn(
             flagged=rows,
             retained=retained,
             epochs=n_epochs,
-            lr=lr if lr is not None and how is chosen else how.lr,
+            lr=lr if lr is not None and how is chosen else how.lr(recipe),
             batch_size=batch_size,
             seed=job_seed,
             device=dev,
+            recipe=recipe,
             options=opts if how is chosen else how.options,
             on_epoch=lambda e: step(stage, e.epoch, e.epochs, e.loss),
         )
@@ -262,7 +266,9 @@ def unlearn(
         method=method,
         settings={
             "epochs": n_epochs,
-            "lr": chosen.lr if lr is None else lr,
+            "lr": chosen.lr(recipe) if lr is None else lr,
+            "recipe": recipe.family,
+            "optimizer": recipe.optimizer,
             "batch_size": batch_size,
             "seed": seed,
             **opts,
@@ -283,6 +289,7 @@ def unlearn(
         preflight=preflight,
         membership=membership,
         reference_check=check,
+        recipe=recipe,
     )
     return UnlearnResult(
         model=unlearned.cpu(),
