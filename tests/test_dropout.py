@@ -15,6 +15,7 @@ from memaudit.dropout import (
     TiedDropout,
     conv_layers,
     default_layers,
+    mlp_hidden_layers,
     recalibrate_norms,
     stage_outputs,
 )
@@ -294,3 +295,25 @@ def test_recalibrate_norms_recomputes_batch_norm_statistics_only() -> None:
     torch.testing.assert_close(norm.running_mean, features.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert norm.momentum == 0.3 and not net.training
     assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("kind", ["hf-vit", "hf-convnext", "timm-vit", "timm-convnext"])
+def test_transformers_get_dropout_on_mlp_features_and_fold_exactly(
+    kind: str, hf_dirs: dict[str, Path]
+) -> None:
+    """Drop-mode outputs of the model with dropout equal the exported plain model's."""
+    if kind.startswith("hf-"):
+        model = load_model(hf_dirs[kind[3:]])
+    else:
+        arch = {"timm-vit": "timm:test_vit", "timm-convnext": "timm:test_convnext"}[kind]
+        model = build_model(arch, num_classes=3, in_chans=3).eval()
+    hidden = mlp_hidden_layers(model)
+    assert hidden and all("act" in name.rpartition(".")[2] for name in hidden)
+    etd = TiedDropout(model)
+    assert etd.names == hidden  # the default placement for these families
+    size = 16 if kind.startswith("hf-") else 32
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        with etd.attached() as masks, masks.applied(etd.mode_mask("drop")):
+            dropped = model.eval()(x)
+        torch.testing.assert_close(etd.plain_copy("drop")(x), dropped, rtol=1e-4, atol=1e-5)

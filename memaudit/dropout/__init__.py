@@ -17,7 +17,7 @@ outputs' sizes), ``_fold`` (folding a scaling into the weights, :func:`recalibra
 """
 
 from memaudit.dropout._fold import recalibrate_norms
-from memaudit.dropout._placement import conv_layers, stage_outputs
+from memaudit.dropout._placement import conv_layers, mlp_hidden_layers, stage_outputs
 from memaudit.dropout._tied import MODES, DropoutMode, TiedDropout, default_layers
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "TiedDropout",
     "conv_layers",
     "default_layers",
+    "mlp_hidden_layers",
     "recalibrate_norms",
     "stage_outputs",
 ]

@@ -59,6 +59,31 @@ def conv_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def mlp_hidden_layers(model: nn.Module) -> list[str]:
+    """The hidden features of each MLP (after its activation), outside the head: where
+    example-tied dropout goes in transformers and LayerNorm CNNs (ViT, DeiT, ConvNeXt).
+
+    A channel there belongs to one example across all its tokens (the mask is shared by every
+    token), and the next linear layer reads it directly, so the drop-mode scaling folds into
+    that layer's input columns. Dropping features of the attention projections or of the
+    residual stream (every linear layer, as :func:`conv_layers` does) breaks the attention and
+    the shortcuts. Found by name: the activation module of an MLP (``...mlp.act`` in timm,
+    ``...mlp.activation_fn`` / ``...intermediate_act_fn`` / ``...act`` in Hugging Face).
+    """
+    net, head = net_of(model)
+    found = []
+    for name, module in net.named_modules():
+        last = name.rpartition(".")[2]
+        if list(module.children()) or "act" not in last.lower():
+            continue
+        if head is not None and (name == head or name.startswith(head + ".")):
+            continue
+        if isinstance(module, nn.Identity):
+            continue
+        found.append(name)
+    return found
+
+
 def _known_axis(module: nn.Module) -> tuple[int, int] | None:
     """(channels, channel axis) of a conv / linear / norm layer's output; None for a block."""
     if isinstance(module, CONV):

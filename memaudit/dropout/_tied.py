@@ -13,7 +13,14 @@ from torch import nn
 
 from memaudit import keyed
 from memaudit.dropout._fold import fold_scale
-from memaudit.dropout._placement import conv_layers, layer_outputs, net_of, stage_outputs
+from memaudit.dropout._placement import (
+    conv_layers,
+    layer_outputs,
+    mlp_hidden_layers,
+    net_of,
+    stage_outputs,
+)
+from memaudit.engine import family_of
 from memaudit.errors import MemauditError
 from memaudit.masks import UnitMasks
 from memaudit.units import UnitSpace
@@ -26,13 +33,19 @@ M = TypeVar("M", bound=nn.Module)
 def default_layers(model: nn.Module) -> list[str]:
     """Where dropout goes by default: after each stage / block output, as in the paper.
 
-    Stages are the modules a model lists in ``feature_info`` (timm models, memaudit's nets).
+    Transformers and LayerNorm CNNs get it on the hidden features of their MLPs
+    (:func:`mlp_hidden_layers`) when those fold. Otherwise, stages are the modules a model
+    lists in ``feature_info`` (timm models, memaudit's nets).
     They are used when their drop-mode scaling folds into a plain model (checked on a copy);
     otherwise (e.g. a stage output that also feeds an identity shortcut), and for models without
     ``feature_info``, dropout goes after every conv / linear layer (:func:`conv_layers`).
     On the label-noise testbed, stage outputs with the drop-mode model's BatchNorm recalibrated
     (:func:`recalibrate_norms`) beat the normally trained model's test accuracy (README).
     """
+    if family_of(model) != "batchnorm-cnn":
+        hidden = mlp_hidden_layers(model)
+        if hidden and _folds(model, hidden):
+            return hidden
     stages = stage_outputs(model)
     return stages if stages and _folds(model, stages) else conv_layers(model)
 
