@@ -52,31 +52,23 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
+# AdamW + warm-up + cosine, the usual recipe for ViTs trained from scratch (DeiT) and for
+# LayerNorm CNNs (ConvNeXt); fine-tuning at a tenth of the training rate.
+_ADAMW = Recipe(
+    family="transformer",
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=0.05,
+    schedule="cosine",
+    warmup=0.1,
+    clip_grad_norm=1.0,
+    finetune_lr_scale=0.1,
+)
 RECIPES: dict[str, Recipe] = {
     # SGD + one-cycle: what memaudit's CNN testbed was measured with (README).
     "batchnorm-cnn": Recipe(family="batchnorm-cnn"),
-    # AdamW + warm-up + cosine, the usual recipe for ViTs trained from scratch (DeiT) and for
-    # LayerNorm CNNs (ConvNeXt); fine-tuning at a tenth of the training rate.
-    "layernorm-cnn": Recipe(
-        family="layernorm-cnn",
-        optimizer="adamw",
-        lr=2e-3,
-        weight_decay=0.05,
-        schedule="cosine",
-        warmup=0.1,
-        clip_grad_norm=1.0,
-        finetune_lr_scale=0.1,
-    ),
-    "transformer": Recipe(
-        family="transformer",
-        optimizer="adamw",
-        lr=1e-3,
-        weight_decay=0.05,
-        schedule="cosine",
-        warmup=0.1,
-        clip_grad_norm=1.0,
-        finetune_lr_scale=0.1,
-    ),
+    "layernorm-cnn": _ADAMW.model_copy(update={"family": "layernorm-cnn", "lr": 2e-3}),
+    "transformer": _ADAMW,
 }
 
 
