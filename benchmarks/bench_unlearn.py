@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--testbed", default="memaudit-demo/testbed")
     parser.add_argument("--forget", default="all", help=f"a kind ({', '.join(KINDS)}) or 'all'")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", help="run only these seeds (comma-separated), e.g. 2")
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "retrain"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
@@ -328,8 +329,9 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if args.resume else {}
     cache = Path(args.cache)
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     for kind in kinds:
-        for seed in range(args.seeds):
+        for seed in seeds:
             if str(seed) in runs.get(kind, {}):
                 continue
             console.print(f"forget '{kind}', seed {seed}:")
