@@ -139,7 +139,7 @@ FIGURES = (
     ("flagged", "flagged acc"),
     ("retained", "retained acc"),
     ("test", "test acc"),
-    ("auc", "MIA AUC"),
+    ("auc", "membership AUC"),
     ("tpr1", "TPR@1%FPR"),
     ("gap", "avg gap"),
     ("seconds", "seconds"),
