@@ -170,8 +170,8 @@ def yardstick(
     """The retrained model and the membership references for these ids, cached on disk."""
     where = cache / f"{kind}-seed{seed}"
     meta = where / "yardstick.json"
-    if meta.exists() and json.loads(meta.read_text())["ids"] == ids:
-        saved = json.loads(meta.read_text())
+    saved = json.loads(meta.read_text()) if meta.exists() else {}
+    if saved.get("ids") == ids:
         refs = [load_model(where / f"reference_{k}.safetensors") for k in range(saved["k"])]
         return load_model(where / "retrain.safetensors"), refs, saved["retrain_seconds"]
     k = n_references(len(ids))

@@ -181,6 +181,8 @@ def test_unlearn_runs_the_membership_test_before_and_after() -> None:
     assert "membership AUC" in render_markdown(result.report)
     with pytest.raises(MemauditError, match="at least two reference"):
         unlearn(member, data, [0], method="finetune", membership_references=1)  # type: ignore[arg-type]
+    with pytest.raises(MemauditError, match="at least two reference"):  # before any training
+        unlearn(member, data, [0], method="finetune", references=result.references[:1])  # type: ignore[arg-type]
 
 
 def test_a_given_reference_is_the_yardstick_and_a_wrong_one_is_refused(tmp_path: Path) -> None:

@@ -82,9 +82,9 @@ def target_objective(
     x, y, rows = ctx.x, ctx.y, mask
     if copies:
         per_copy = x[0].numel()
-        noise = keyed.normal(ctx.ids.cpu(), copies * per_copy, seed=ctx.draw_seed())
+        noise = keyed.normal(ctx.ids.to(x.device), copies * per_copy, seed=ctx.draw_seed())
         x = x.repeat_interleave(copies, 0)
-        x = x + ctx.settings.noise_std * noise.to(x.device).view(x.shape)
+        x = x + ctx.settings.noise_std * noise.view(x.shape)
         y, rows = y.repeat_interleave(copies), mask.repeat_interleave(copies, 0)
     with ctx.masks.applied(rows):
         logits = ctx.model(x).float()
@@ -123,5 +123,6 @@ def integrated_gradients(ctx: ScoreContext) -> Scores:
 @register_scorer("random")
 def random_scores(ctx: ScoreContext) -> Scores:
     """A baseline: zero random units."""
-    draws = keyed.uniform(ctx.ids.cpu(), ctx.mask.shape[1], seed=ctx.draw_seed())
-    return Scores(draws.to(ctx.mask.device))
+    return Scores(
+        keyed.uniform(ctx.ids.to(ctx.mask.device), ctx.mask.shape[1], seed=ctx.draw_seed())
+    )

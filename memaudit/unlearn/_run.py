@@ -179,12 +179,12 @@ def unlearn(
             "pass either membership_references (models to train) or references (models you "
             "have), not both"
         )
-    membership_references = cfg.membership_references or len(references)
-    if membership_references == 1:
+    if len(references) == 1:  # (one to train is refused by UnlearnSettings)
         raise MemauditError(
-            "the membership test needs at least two reference models: pass "
-            "--membership-references 2 or more (0: no membership test)"
+            "the membership test needs at least two reference models: pass two or more "
+            "references, or none"
         )
+    membership_references = cfg.membership_references or len(references)
     rows = _rows(train_set, train_set.rows(ids))
     retained = complement(len(train_set), rows)
     dev = pick_device(device)
