@@ -31,7 +31,7 @@ from rich.table import Table
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
 from memaudit.data import ImageDataset, complement, sample
 from memaudit.engine import pick_device
-from memaudit.localize import greedy_search, reference_gradient
+from memaudit.localize import Reference, greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import ScanReport
@@ -218,8 +218,8 @@ def _bare_search(
     units: list[list[int]] = []
     with UnitMasks(model.net, model.units()) as masks:
         ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
-        exact = (train.batch(ref_rows, device), train.labels[ref_rows].to(device))
-        ref_batch = exact if settings.reference_mode != "shared" else None
+        exact = Reference(train.batch(ref_rows, device), train.labels[ref_rows].to(device))
+        reference = exact if settings.reference_mode != "shared" else None
         for chunk in flagged_rows.split(settings.batch_size):
             x, y = train.batch(chunk, device), train.labels[chunk].to(device)
             found = greedy_search(
@@ -230,7 +230,7 @@ def _bare_search(
                 settings=settings,
                 reference_grad=ref_grad,
                 ids=torch.tensor(train.ids_of(chunk)),
-                reference_batch=ref_batch,
+                reference=reference,
             )
             units += [f.greedy if f.status.value == "flipped" else [] for f in found]
     return units, time.perf_counter() - start

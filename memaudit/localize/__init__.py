@@ -48,6 +48,7 @@ from memaudit.localize._scorers import (
 )
 from memaudit.localize._search import (
     Found,
+    Reference,
     edited_accuracy,
     exact_reference_grad,
     greedy_search,
@@ -61,6 +62,7 @@ from memaudit.localize._shard import World, expected_cost, shard
 __all__ = [
     "SCORERS",
     "Found",
+    "Reference",
     "ScoreContext",
     "Scorer",
     "Scores",

@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,32 +79,57 @@ def reference_gradient(
     return shared.grad[0].detach()
 
 
+class Reference:
+    """The reference rows of the clean term (inputs and labels on the device), and the exact
+    reference gradients computed so far, by mask: every chunk of a scan reuses them (examples
+    often zero the same first units), up to ``cache_bytes``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, cache_bytes: int = 256 * 2**20):
+        self.x, self.y, self.cache_bytes = x, y, cache_bytes
+        self.cache: dict[bytes, torch.Tensor] = {}
+
+    def cached(self, keys: list[bytes]) -> list[torch.Tensor | None]:
+        """The gradients held for these mask keys (``None`` where not held)."""
+        return [self.cache.get(k) for k in keys]
+
+    def keep(self, keys: list[bytes], grads: torch.Tensor) -> None:
+        """Hold ``grads`` ``[n, U]`` under ``keys``, as far as the byte budget allows."""
+        room = self.cache_bytes // max(1, grads.shape[1] * grads.element_size()) - len(self.cache)
+        self.cache.update(zip(keys[: max(0, room)], grads[: max(0, room)], strict=False))
+
+
 def exact_reference_grad(
-    model: Classifier,
-    masks: UnitMasks,
-    mask: torch.Tensor,
-    reference: tuple[torch.Tensor, torch.Tensor],
+    model: Classifier, masks: UnitMasks, mask: torch.Tensor, reference: Reference
 ) -> torch.Tensor:
     """``d mean_r CE(x_r; m_i) / d m_i`` for every mask row ``m_i``: ``[A, U]``.
 
     The authors' exact term: every distinct mask applied to every reference row (processed in
-    chunks of masks so memory stays bounded). Examples whose masks are equal share the work: at
-    the first step every mask is all ones, and examples often zero the same first units.
+    chunks of masks so memory stays bounded). Examples whose masks are equal share the work (at
+    the first step every mask is all ones, and examples often zero the same first units), and
+    so do chunks: masks seen before come from ``reference``'s cache. One transfer of the
+    distinct masks to the host per call, for the cache keys.
     """
-    ref_x, ref_y = reference
     distinct, inverse = torch.unique(mask.detach(), dim=0, return_inverse=True)
-    n_ref = len(ref_y)
+    keys = [row.tobytes() for row in np.packbits((distinct == 0).cpu().numpy(), axis=1)]
+    held = reference.cached(keys)
+    todo = [k for k, g in enumerate(held) if g is None]
+    n_ref = len(reference.y)
     per_chunk = max(1, rows_per_pass(mask.device) // max(1, n_ref))
-    grads = []
-    for rows in distinct.split(per_chunk):
+    fresh = []
+    for rows in distinct[todo].split(per_chunk):
         leaf = rows.requires_grad_(True)
-        x = ref_x.repeat(len(leaf), *([1] * (ref_x.ndim - 1)))
+        x = reference.x.repeat(len(leaf), *([1] * (reference.x.ndim - 1)))
         with masks.applied(leaf.repeat_interleave(n_ref, 0)):
-            loss = F.cross_entropy(model(x).float(), ref_y.repeat(len(leaf)))
+            loss = F.cross_entropy(model(x).float(), reference.y.repeat(len(leaf)))
         # The mean over each mask's rows, summed over masks.
         (grad,) = torch.autograd.grad(loss * len(leaf), leaf)
-        grads.append(grad)
-    return torch.cat(grads)[inverse]
+        fresh.append(grad)
+    if fresh:
+        computed = torch.cat(fresh)
+        reference.keep([keys[k] for k in todo], computed)
+        for k, g in zip(todo, computed, strict=True):
+            held[k] = g
+    return torch.stack(cast(list[torch.Tensor], held))[inverse]
 
 
 @torch.no_grad()
@@ -123,13 +150,13 @@ def greedy_search(
     settings: ScanSettings,
     reference_grad: torch.Tensor,
     ids: torch.Tensor,
-    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference: Reference | None = None,
 ) -> list[Found]:
     """Zero units per example until each flips or hits the budget. All of ``x`` must be correct.
     ``ids`` (the examples' ids) key their random draws (noisy copies, the random scorer).
 
-    ``reference_batch`` (inputs, labels) are the reference rows, needed to refresh the reference
-    term at each example's mask (``settings.reference_mode`` other than ``shared``).
+    ``reference`` (the reference rows) is needed to refresh the reference term at each
+    example's mask (``settings.reference_mode`` other than ``shared``).
     """
     search = functools.partial(
         _search,
@@ -137,10 +164,10 @@ def greedy_search(
         masks,
         settings=settings,
         reference_grad=reference_grad,
-        reference_batch=reference_batch,
+        reference=reference,
     )
     budget = min(settings.max_units, masks.space.total)
-    mode = settings.reference_mode if reference_batch is not None else "shared"
+    mode = settings.reference_mode if reference is not None else "shared"
     if mode == "refreshed" and settings.shared_units >= budget:
         mode = "shared"
     if mode != "refreshed":
@@ -165,14 +192,14 @@ def _search(
     mode: str,
     settings: ScanSettings,
     reference_grad: torch.Tensor,
-    reference_batch: tuple[torch.Tensor, torch.Tensor] | None,
+    reference: Reference | None,
 ) -> list[Found]:
     """The greedy loop, with the reference term refreshed as ``mode`` says."""
     scorer = SCORERS[settings.scorer]
     n_rows, total = len(y), masks.space.total
     zeroed = torch.zeros(n_rows, total, dtype=torch.bool, device=x.device)
     order = torch.full((n_rows, budget), -1, dtype=torch.long, device=x.device)
-    found = [Found(-1, int(y[i]), int(y[i]), Status.BUDGET_EXHAUSTED) for i in range(n_rows)]
+    found = [Found(-1, label, label, Status.BUDGET_EXHAUSTED) for label in y.tolist()]
     active = torch.arange(n_rows, device=x.device)
     ref_grads = reference_grad.expand(n_rows, -1).clone() if mode != "shared" else None
     next_refresh = 0 if mode == "exact" else 1
@@ -180,8 +207,8 @@ def _search(
     while active.numel():
         mask = (~zeroed[active]).float()
         due = n_zeroed >= next_refresh and n_zeroed < budget
-        if ref_grads is not None and reference_batch is not None and due:
-            ref_grads[active] = exact_reference_grad(model, masks, mask, reference_batch)
+        if ref_grads is not None and reference is not None and due:
+            ref_grads[active] = exact_reference_grad(model, masks, mask, reference)
             next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
         ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
         ctx = ScoreContext(
@@ -289,7 +316,7 @@ def search_chunk(
     settings: ScanSettings,
     reference_grad: torch.Tensor,
     device: torch.device,
-    reference_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    reference: Reference | None = None,
     stages: Stages | None = None,
 ) -> list[Found]:
     """Search one chunk of flagged rows; misclassified rows are reported, not searched. Random
@@ -317,7 +344,7 @@ def search_chunk(
             settings=settings,
             reference_grad=reference_grad,
             ids=torch.tensor(data.ids_of(rows[idx])),
-            reference_batch=reference_batch,
+            reference=reference,
         )
     with timed("prune"):
         if settings.prune:
