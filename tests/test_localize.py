@@ -13,7 +13,13 @@ from torch import nn
 
 from memaudit import Auditor, MemauditError, localize
 from memaudit.data import ImageDataset
-from memaudit.localize import SCORERS, ScoreContext, exact_reference_grad, scan_settings
+from memaudit.localize import (
+    SCORERS,
+    Reference,
+    ScoreContext,
+    exact_reference_grad,
+    scan_settings,
+)
 from memaudit.masks import UnitMasks
 from memaudit.models import Preprocess, load_model
 from memaudit.schema import ScanReport, Status
@@ -206,6 +212,35 @@ def test_the_report_times_each_stage(tiny: tuple[nn.Module, ImageDataset, ImageD
     assert sum(stages.values()) <= report.timing.seconds
 
 
+def test_bf16_precision_runs_the_forwards_in_bfloat16(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """``precision="bf16"``: convolutions see bfloat16 under autocast; the search still flips the
+    memorized examples, mostly with the float32 search's units."""
+    net, data, test = tiny
+    model = Auditor(net, data, device="cpu").model
+    seen: set[torch.dtype] = set()
+    handle = net.conv2.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    options: dict[str, Any] = {"max_units": 20, "reference_size": 16, "eval_size": 16}
+    try:
+        low = localize.scan(
+            model,
+            data,
+            list(range(8)),
+            test=test,
+            device="cpu",
+            settings=scan_settings(precision="bf16", **options),
+        )
+    finally:
+        handle.remove()
+    full = localize.scan(
+        model, data, list(range(8)), test=test, device="cpu", settings=scan_settings(**options)
+    )
+    assert seen == {torch.bfloat16}
+    assert low.settings.precision == "bf16" and low.summary.n_flipped >= 6
+    assert sum(a == b for a, b in zip(_units(low), _units(full), strict=True)) >= 4
+
+
 def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
     model, data, _ = tiny
     report = Auditor(model, data, device="cpu").scan(list(range(10)), max_units=1)
@@ -340,6 +375,36 @@ def test_refreshed_reference_mode(
     assert seen and set(seen) <= {1, 2, 4, 8, 16}
 
 
+def test_exact_reference_gradients_are_reused_across_calls(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """A mask seen before (in an earlier chunk) takes its gradient from the cache: the same
+    values, and no forward for it; a cache with no room computes everything."""
+    model, data, _ = tiny
+    classifier = Auditor(model, data, device="cpu").model.eval()
+    space = classifier.units()
+    ref = torch.arange(3, 11)
+    reference = Reference(data.batch(ref, "cpu"), data.labels[ref])
+    first = torch.ones(3, space.total)
+    first[1, :2], first[2, 5] = 0, 0
+    second = torch.stack([first[2], first[0], torch.ones(space.total)])
+    second[2, 7] = 0
+    rows: list[int] = []
+    handle = model.conv1.register_forward_hook(lambda m, i, o: rows.append(len(o)))
+    with UnitMasks(classifier.net, space) as masks:
+        cold = exact_reference_grad(classifier, masks, first, reference)
+        rows.clear()
+        warm = exact_reference_grad(classifier, masks, second, reference)
+        seen = sum(rows)
+        full = Reference(reference.x, reference.y, cache_bytes=0)
+        fresh = exact_reference_grad(classifier, masks, second, full)
+    handle.remove()
+    assert seen == len(ref)  # only the new mask ran
+    torch.testing.assert_close(warm[:2], cold[[2, 0]])
+    torch.testing.assert_close(warm, fresh)
+    assert not full.cache and len(reference.cache) == 4
+
+
 def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     tiny: tuple[nn.Module, ImageDataset, ImageDataset],
 ) -> None:
@@ -355,7 +420,7 @@ def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     mask[1, :5] = 0
     settings = scan_settings(reference_size=8, reference_mode="exact")
     with UnitMasks(classifier.net, space) as masks:
-        ref_grad = exact_reference_grad(classifier, masks, mask, (ref_x, ref_y))
+        ref_grad = exact_reference_grad(classifier, masks, mask, Reference(ref_x, ref_y))
         ctx = ScoreContext(
             classifier, masks, x, y, mask, ref_grad, settings, torch.arange(len(y)), 0
         )

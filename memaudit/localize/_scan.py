@@ -12,11 +12,12 @@ import torch.distributed as dist
 
 from memaudit import journal as journals
 from memaudit.data import ImageDataset, complement, sample
-from memaudit.engine import accuracy, pick_device
+from memaudit.engine import accuracy, channels_last, pick_device
 from memaudit.errors import MemauditError, validated
 from memaudit.localize._scorers import SCORERS
 from memaudit.localize._search import (
     Found,
+    Reference,
     Stages,
     edited_accuracy,
     reference_gradient,
@@ -135,12 +136,13 @@ def scan(
         raise failure
     examples = [results[i] for i in ids]
     seconds = time.perf_counter() - start
-    ref_before = accuracy(model, train, ref_rows, device=dev) if len(ref_rows) else None
-    test_before = (
-        accuracy(model, test, test_rows, device=dev)
-        if test is not None and test_rows is not None
-        else None
-    )
+    with channels_last(model), precision(cfg, dev):  # the accuracies before, as after edits
+        ref_before = accuracy(model, train, ref_rows, device=dev) if len(ref_rows) else None
+        test_before = (
+            accuracy(model, test, test_rows, device=dev)
+            if test is not None and test_rows is not None
+            else None
+        )
     return ScanReport(
         model=_model_summary(model, space),
         data=_data_summary(train, test),
@@ -160,6 +162,11 @@ def scan(
         ),
         preflight=preflight,
     )
+
+
+def precision(cfg: ScanSettings, device: torch.device) -> torch.autocast:
+    """The autocast of ``cfg.precision`` on ``device`` (off for float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
 def flip_units(
@@ -199,12 +206,12 @@ def _search(
     timed: Stages,
 ) -> None:
     """Search ``todo`` (id, row) chunk by chunk; ``found`` gets each chunk's results."""
-    with UnitMasks(model.net, space) as masks:
+    with UnitMasks(model.net, space) as masks, channels_last(model), precision(cfg, dev):
         with timed("reference"):
             ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
-            ref_batch = None
+            reference = None
             if cfg.reference_mode != "shared":
-                ref_batch = (train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
+                reference = Reference(train.batch(ref_rows, dev), train.labels[ref_rows].to(dev))
         for chunk in [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]:
             searched = search_chunk(
                 model,
@@ -213,7 +220,7 @@ def _search(
                 torch.tensor([r for _, r in chunk]),
                 settings=cfg,
                 reference_grad=ref_grad,
-                reference_batch=ref_batch,
+                reference=reference,
                 device=dev,
                 stages=timed,
             )

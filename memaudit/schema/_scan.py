@@ -90,6 +90,11 @@ class ScanSettings(BaseModel):
     eval_size: int = Field(512, ge=0, description="test rows for the after-edit accuracy")
     ig_steps: int = Field(8, ge=1, description="integration steps of the captum scorer")
     seed: int = Field(0, description="seed of reference sampling, noise and scorers")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32",
+        description="bf16: the model's forwards under bfloat16 autocast (for GPUs); the masks, "
+        "their gradients and the flip checks stay float32",
+    )
 
 
 class ExampleResult(BaseModel):
