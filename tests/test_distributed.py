@@ -1,20 +1,25 @@
 """A scan over several processes (gloo on CPU): the same report as one process, sharding that
-keeps every id once, a failed rank then a resume with another world size, launcher errors."""
+keeps every id once, a failed rank then a resume with another world size, launcher errors.
+Training under DDP: the weights and steps of one process."""
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_cnn
 
 from memaudit.cli import main
 from memaudit.data import ImageDataset, write_ids
-from memaudit.engine import fit
+from memaudit.dropout import TiedDropout
+from memaudit.engine import RECIPES, fit
 from memaudit.localize import expected_cost, scan, shard
 from memaudit.models import build_model, load_model, save_model
 from memaudit.schema import ScanReport, ScanSettings
@@ -189,3 +194,91 @@ def test_launcher_errors_are_one_line(
     monkeypatch.setenv("MEMAUDIT_DIST_TIMEOUT", "3")
     assert main(argv) == 2
     assert "cannot join the torchrun rendezvous at 127.0.0.1:9" in error_line()
+
+
+# --- training under DDP ----------------------------------------------------------------------
+
+
+def _tied(data: ImageDataset, rows: torch.Tensor, batch_size: int, recipe: Any) -> dict[str, Any]:
+    """A tiny CNN (no BatchNorm) trained with example-tied dropout: weights, epoch losses."""
+    torch.manual_seed(0)
+    net = tiny_cnn()
+    etd = TiedDropout(net, after=["0", "2", "6"], p_gen=0.5, p_mem=0.5, seed=3)
+    losses: list[float] = []
+    with etd.attached() as masks:
+        fit(
+            net,
+            data,
+            rows,
+            epochs=2,
+            batch_size=batch_size,
+            recipe=recipe,
+            seed=1,
+            device="cpu",
+            around_batch=lambda ids: masks.applied(etd.masks(ids)),
+            on_epoch=lambda e: losses.append(e.loss),
+        )
+    return {"weights": net.state_dict(), "losses": losses}
+
+
+def _ascent(data: ImageDataset) -> dict[str, Any]:
+    """Gradient ascent in batches of 6 of 20 rows, stopped in its 4th epoch (measured)."""
+    torch.manual_seed(0)
+    net, steps = tiny_cnn(), []
+    fit(net, data, epochs=20, batch_size=8, device="cpu")
+    fit(
+        net,
+        data,
+        torch.arange(20),
+        epochs=10,
+        batch_size=6,
+        lr=0.2,
+        momentum=0.0,
+        schedule="constant",
+        ascend=True,
+        stop_loss=1.5 * math.log(3),
+        device="cpu",
+        on_batch=lambda ids: steps.append(len(ids)),
+    )
+    return {"weights": net.state_dict(), "steps": len(steps)}
+
+
+def _fits(data: ImageDataset) -> dict[str, dict[str, Any]]:
+    """The fits compared between one process and two ranks. 17 rows in batches of 8: the last
+    batch of one row leaves rank 1 without a share; AdamW with clipping in batches of 5:
+    shares of 3 and 2."""
+    return {
+        "tied": _tied(data, torch.arange(17), 8, None),
+        "adamw": _tied(data, torch.arange(22), 5, RECIPES["transformer"]),
+        "ascent": _ascent(data),
+    }
+
+
+def _fit_worker(rank: int, world: int, root: str) -> None:
+    torch.set_num_threads(1)
+    here = Path(root)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{here / 'fit.rdzv'}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.save(_fits(_data(here)), here / f"fit.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_on_two_ranks_gives_the_single_process_weights(bed: Path) -> None:
+    single = _fits(_data(bed))
+    mp.start_processes(_fit_worker, args=(2, str(bed)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(bed / f"fit.rank{r}.pt") for r in range(2)]
+    for name, one in single.items():
+        for k, value in one["weights"].items():
+            assert torch.equal(ranks[0][name]["weights"][k], ranks[1][name]["weights"][k])
+            torch.testing.assert_close(ranks[0][name]["weights"][k], value, rtol=1e-5, atol=1e-6)
+    for name in ("tied", "adamw"):
+        assert ranks[0][name]["losses"] == pytest.approx(single[name]["losses"], rel=1e-5)
+    assert 12 < single["ascent"]["steps"] < 40  # stopped, not at the first step
+    assert ranks[0]["ascent"]["steps"] == ranks[1]["ascent"]["steps"] == single["ascent"]["steps"]
