@@ -24,6 +24,7 @@ from memaudit.cli import main
 from memaudit.data import ImageDataset, write_ids
 from memaudit.dropout import TiedDropout
 from memaudit.engine import RECIPES, fit
+from memaudit.errors import MemauditError
 from memaudit.localize import expected_cost, scan, shard
 from memaudit.models import build_model, load_model, save_model
 from memaudit.schema import ScanReport, ScanSettings, UnlearnReport
@@ -271,6 +272,8 @@ def _fit_worker(rank: int, world: int, root: str) -> None:
     )
     try:
         torch.save(_fits(_data(here)), here / f"fit.rank{rank}.pt")
+        with pytest.raises(MemauditError, match="on_loss"):  # it would see one rank's losses
+            fit(tiny_cnn(), _data(here), epochs=1, on_loss=lambda ids, losses: None)
     finally:
         dist.destroy_process_group()
 
