@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -126,6 +127,44 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _world() -> tuple[int, int]:
+    """This process's rank and the size of the initialized process group (else 0 of 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _replicated(model: nn.Module, dev: torch.device) -> nn.Module:
+    """``model`` under DDP: one replica per rank, gradients all-reduced (averaged over ranks).
+    ``static_graph``: every step uses the same parameters, and a parameter the forward never
+    uses (e.g. an unused head) is allowed without a graph search per step."""
+    ids = None
+    if dev.type == "cuda":
+        ids = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
+
+
+def _share(batch: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global batch and the weight of its summed loss, ``world / len``,
+    so that DDP's mean over ranks is the global batch's mean gradient. A rank left without a
+    part (a last batch shorter than the world) runs the whole batch at weight 0: it still
+    joins the all-reduce and adds nothing."""
+    mine = batch[rank::world]
+    return (mine, world / len(batch)) if len(mine) else (batch, 0.0)
+
+
+def _step_loss(
+    losses: torch.Tensor, *, weight: float, n: int, world: int
+) -> tuple[torch.Tensor, float]:
+    """The loss to step on, and the mean loss of the global batch of ``n`` (on every rank)."""
+    if world == 1:
+        loss = losses.mean()
+        return loss, float(loss.detach())
+    total = (losses.detach().sum() if weight else losses.new_zeros(())).float()
+    dist.all_reduce(total)
+    return losses.sum() * weight, float(total) / max(1, n)
+
+
 def fit(
     model: nn.Module,
     data: ImageDataset,
@@ -163,7 +202,22 @@ def fit(
     runs in (example-tied dropout applies the batch's masks in it); ``on_loss(ids, losses)``
     with per-example losses still on the graph (the gradient probe); ``on_epoch(EpochEnd)``
     after each epoch.
+
+    Under an initialized process group of several processes (``torchrun``) the model trains
+    under DDP: every rank draws the same order and global batches of ``batch_size`` and
+    trains on its share ``batch[rank::world]``, its summed loss weighted so that the
+    all-reduced gradient is the global batch's mean. The steps, the schedule, ``stop_loss``
+    (decided on the global batch's mean loss) and the epoch losses are those of one process;
+    ``on_batch`` and ``around_batch`` get this rank's ids. BatchNorm normalizes with each
+    rank's own batch statistics (the running statistics are rank 0's, broadcast each step).
+    ``on_loss`` is refused there: it would see one rank's losses.
     """
+    rank, world = _world()
+    if world > 1 and on_loss is not None:
+        raise MemauditError(
+            "on_loss (e.g. the gradient probe) sees only one rank's losses under DDP: run it in "
+            "one process, without torchrun"
+        )
     dev = pick_device(device)
     model.to(dev)
     if mode != "keep":
@@ -187,21 +241,22 @@ def fit(
     opt = _optimizer(r, trained)
     sched = _scheduler(r, opt, epochs * steps)
     labels = data.labels.to(dev)
+    net = model if world == 1 else _replicated(model, dev)
     stopped = False
     for epoch in range(1, epochs + 1):
         order = subset[torch.randperm(len(subset), generator=gen)]
         total, seen = 0.0, 0
         for batch in order.split(batch_size):
+            ids, weight = (batch, 1.0) if world == 1 else _share(batch, rank, world)
             if on_batch is not None:
-                on_batch(batch)
-            with around_batch(batch) if around_batch is not None else nullcontext():
+                on_batch(ids)
+            with around_batch(ids) if around_batch is not None else nullcontext():
                 losses = F.cross_entropy(
-                    model(data.batch(batch, dev)), labels[batch.to(dev)], reduction="none"
+                    net(data.batch(ids, dev)), labels[ids.to(dev)], reduction="none"
                 )
                 if on_loss is not None:
-                    on_loss(batch, losses)
-                loss = losses.mean()
-                value = float(loss.detach())
+                    on_loss(ids, losses)
+                loss, value = _step_loss(losses, weight=weight, n=len(batch), world=world)
                 total, seen = total + value * len(batch), seen + len(batch)
                 if stop_loss is not None and value > stop_loss:
                     stopped = True

@@ -1,23 +1,33 @@
 """A scan over several processes (gloo on CPU): the same report as one process, sharding that
-keeps every id once, a failed rank then a resume with another world size, launcher errors."""
+keeps every id once, a failed rank then a resume with another world size, launcher errors.
+Training under DDP: the weights, steps and reports of one process."""
 
 from __future__ import annotations
 
+import math
 import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_cnn
 
 from memaudit.cli import main
 from memaudit.data import ImageDataset, write_ids
-from memaudit.engine import fit
+from memaudit.dropout import TiedDropout
+from memaudit.engine import RECIPES, fit
+from memaudit.errors import MemauditError
 from memaudit.localize import expected_cost, scan, shard
 from memaudit.models import build_model, load_model, save_model
-from memaudit.schema import ScanReport, ScanSettings
+from memaudit.schema import ScanReport, ScanSettings, UnlearnReport
 
 IDS = list(range(12))
 SETTINGS = ScanSettings(max_units=16, reference_size=16, batch_size=2, eval_size=0)
@@ -161,8 +171,6 @@ def test_a_killed_rank_then_resume_with_one_process_gives_the_same_report(bed: P
 def test_launcher_errors_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], bed: Path
 ) -> None:
-    import numpy as np
-
     data = _data(bed)
     np.savez(tmp_path / "d.npz", images=data.images[:, 0].numpy(), labels=data.labels.numpy())
     write_ids(tmp_path / "ids.txt", [0, 1, 2])
@@ -179,8 +187,11 @@ def test_launcher_errors_are_one_line(
     monkeypatch.setenv("WORLD_SIZE", "5")
     assert main(argv) == 2
     assert "5 processes for 3 flagged ids" in error_line()
-    assert main(["unlearn", *argv[1:4], "--out-model", str(tmp_path / "u.safetensors")]) == 2
-    assert "memaudit unlearn runs in one process" in error_line()
+    unlearn = ["unlearn", *argv[1:4], "--out-model", str(tmp_path / "u.safetensors")]
+    assert main([*unlearn, "--batch-size", "4"]) == 2
+    assert "5 processes for 4 examples per batch (--batch-size)" in error_line()
+    assert main(["audit", *argv[1:4]]) == 2
+    assert "memaudit audit runs in one process" in error_line()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -189,3 +200,161 @@ def test_launcher_errors_are_one_line(
     monkeypatch.setenv("MEMAUDIT_DIST_TIMEOUT", "3")
     assert main(argv) == 2
     assert "cannot join the torchrun rendezvous at 127.0.0.1:9" in error_line()
+
+
+# --- training under DDP ----------------------------------------------------------------------
+
+
+def _tied(data: ImageDataset, rows: torch.Tensor, batch_size: int, recipe: Any) -> dict[str, Any]:
+    """A tiny CNN (no BatchNorm) trained with example-tied dropout: weights, epoch losses."""
+    torch.manual_seed(0)
+    net = tiny_cnn()
+    etd = TiedDropout(net, after=["0", "2", "6"], p_gen=0.5, p_mem=0.5, seed=3)
+    losses: list[float] = []
+    with etd.attached() as masks:
+        fit(
+            net,
+            data,
+            rows,
+            epochs=2,
+            batch_size=batch_size,
+            recipe=recipe,
+            seed=1,
+            device="cpu",
+            around_batch=lambda ids: masks.applied(etd.masks(ids)),
+            on_epoch=lambda e: losses.append(e.loss),
+        )
+    return {"weights": net.state_dict(), "losses": losses}
+
+
+def _ascent(data: ImageDataset) -> dict[str, Any]:
+    """Gradient ascent in batches of 6 of 20 rows, stopped in its 4th epoch (measured)."""
+    torch.manual_seed(0)
+    net, steps = tiny_cnn(), []
+    fit(net, data, epochs=20, batch_size=8, device="cpu")
+    fit(
+        net,
+        data,
+        torch.arange(20),
+        epochs=10,
+        batch_size=6,
+        lr=0.2,
+        momentum=0.0,
+        schedule="constant",
+        ascend=True,
+        stop_loss=1.5 * math.log(3),
+        device="cpu",
+        on_batch=lambda ids: steps.append(len(ids)),
+    )
+    return {"weights": net.state_dict(), "steps": len(steps)}
+
+
+def _fits(data: ImageDataset) -> dict[str, dict[str, Any]]:
+    """The fits compared between one process and two ranks. 17 rows in batches of 8: the last
+    batch of one row leaves rank 1 without a share; AdamW with clipping in batches of 5:
+    shares of 3 and 2."""
+    return {
+        "tied": _tied(data, torch.arange(17), 8, None),
+        "adamw": _tied(data, torch.arange(22), 5, RECIPES["transformer"]),
+        "ascent": _ascent(data),
+    }
+
+
+def _fit_worker(rank: int, world: int, root: str) -> None:
+    torch.set_num_threads(1)
+    here = Path(root)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{here / 'fit.rdzv'}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        torch.save(_fits(_data(here)), here / f"fit.rank{rank}.pt")
+        with pytest.raises(MemauditError, match="on_loss"):  # it would see one rank's losses
+            fit(tiny_cnn(), _data(here), epochs=1, on_loss=lambda ids, losses: None)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fit_on_two_ranks_gives_the_single_process_weights(bed: Path) -> None:
+    single = _fits(_data(bed))
+    mp.start_processes(_fit_worker, args=(2, str(bed)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(bed / f"fit.rank{r}.pt") for r in range(2)]
+    for name, one in single.items():
+        for k, value in one["weights"].items():
+            assert torch.equal(ranks[0][name]["weights"][k], ranks[1][name]["weights"][k])
+            torch.testing.assert_close(ranks[0][name]["weights"][k], value, rtol=1e-5, atol=1e-6)
+    for name in ("tied", "adamw"):
+        assert ranks[0][name]["losses"] == pytest.approx(single[name]["losses"], rel=1e-5)
+    assert 12 < single["ascent"]["steps"] < 40  # stopped, not at the first step
+    assert ranks[0]["ascent"]["steps"] == ranks[1]["ascent"]["steps"] == single["ascent"]["steps"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _keys(value: object) -> object:
+    """The field names of a report, nested (the values left out)."""
+    if isinstance(value, dict):
+        return {k: _keys(v) for k, v in value.items()}
+    return None
+
+
+def test_unlearn_cli_on_two_ranks_writes_the_single_process_report(
+    tmp_path: Path, bed: Path
+) -> None:
+    data = _data(bed)
+    np.savez(
+        tmp_path / "d.npz",
+        train_images=data.images[:36, 0].numpy(),
+        train_labels=data.labels[:36].numpy(),
+        test_images=data.images[36:, 0].numpy(),
+        test_labels=data.labels[36:].numpy(),
+    )
+    torch.manual_seed(0)  # a ViT (no BatchNorm): the two ranks train what one process trains
+    vit = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1}
+    net = build_model("timm:test_vit", num_classes=3, in_chans=1, config=vit)
+    fit(net, data, torch.arange(36), epochs=30, batch_size=8, device="cpu")
+    save_model(net, tmp_path / "m.safetensors")
+    write_ids(tmp_path / "ids.txt", [1, 4, 7, 9, 20])
+
+    def argv(out: str) -> list[str]:
+        files = {"--data": "d.npz", "--flagged": "ids.txt", "--out": f"{out}.json"}
+        files["--out-model"] = f"{out}.safetensors"
+        given = [arg for option, name in files.items() for arg in (option, str(tmp_path / name))]
+        settings = "--epochs 2 --batch-size 8 --compare-retrain --retrain-epochs 2 --device cpu"
+        settings += " --min-train-accuracy 0"  # the model fits its random labels only in part
+        return ["unlearn", str(tmp_path / "m.safetensors"), *given, *settings.split()]
+
+    assert main(argv("one")) == 0
+    port = str(_free_port())
+    ranks = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "MEMAUDIT_DIST_TIMEOUT": "60"}
+        command = [sys.executable, "-m", "memaudit", *argv("two")]
+        ranks.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    said = [p.communicate(timeout=300) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], said
+    assert "report written to" in said[0][1] and said[1] == ("", "")  # rank 1 says nothing
+    one = UnlearnReport.from_json(tmp_path / "one.json")
+    two = UnlearnReport.from_json(tmp_path / "two.json")
+    assert _keys(two.model_dump()) == _keys(one.model_dump())
+    assert one.after != one.before  # not vacuous
+    for block in ("before", "after", "retrain"):
+        a, b = getattr(one, block), getattr(two, block)
+        for field in ("flagged_accuracy", "retained_accuracy", "test_accuracy", "mia_auc"):
+            assert getattr(b, field) == pytest.approx(getattr(a, field), abs=1e-6), (block, field)
+    assert two.settings == one.settings and two.agreement_with_retrain == one.agreement_with_retrain
+    unlearned = [load_model(tmp_path / f"{out}.safetensors").state_dict() for out in ("one", "two")]
+    for k, value in unlearned[0].items():  # AdamW scales rounding up in tiny gradients: 3e-6
+        torch.testing.assert_close(unlearned[1][k], value, rtol=1e-5, atol=1e-5)

@@ -28,7 +28,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-SHARDED = {"scan"}  # the commands that share their work out under torchrun
+DISTRIBUTED = {"scan", "unlearn"}  # the commands that run across the processes of torchrun
 
 
 @app.callback()
@@ -39,9 +39,10 @@ def _root(
     ),
 ) -> None:
     """memaudit: does this model remember these images, where, and can it forget them?"""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and ctx.invoked_subcommand not in SHARDED:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and ctx.invoked_subcommand not in DISTRIBUTED:
         raise MemauditError(
             f"memaudit {ctx.invoked_subcommand} runs in one process; under torchrun only "
-            f"{', '.join(f'memaudit {c}' for c in sorted(SHARDED))} shares its work out: run it "
-            "without torchrun"
+            f"{' and '.join(f'memaudit {c}' for c in sorted(DISTRIBUTED))} run across "
+            "processes: run it without torchrun"
         )

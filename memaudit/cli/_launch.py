@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from memaudit.cli._app import err, out
 from memaudit.errors import MemauditError
 from memaudit.localize import World
 
@@ -48,17 +49,18 @@ def rank_device(device: str) -> str:
 
 
 @contextmanager
-def process_group(device: str, n_ids: int) -> Iterator[World]:
+def process_group(device: str, *, most: int, per: str) -> Iterator[World]:
     """Join the process group of a ``torchrun`` launch (gloo on CPU, nccl on CUDA) for the
-    block; a single process when not launched by it."""
+    block; a single process when not launched by it. A launch of more than ``most``
+    processes, one per ``per`` (e.g. ``flagged ids``), is refused."""
     size = launched_world()
     if size <= 1:
         yield World()
         return
-    if size > n_ids:
+    if size > most:
         raise MemauditError(
-            f"{size} processes for {n_ids} flagged ids: launch with --nproc-per-node (times "
-            f"--nnodes) of {n_ids} or fewer"
+            f"{size} processes for {most} {per}: launch with --nproc-per-node (times "
+            f"--nnodes) of {most} or fewer"
         )
     backend = "nccl" if device.startswith("cuda") else "gloo"
     try:
@@ -74,3 +76,16 @@ def process_group(device: str, n_ids: int) -> Iterator[World]:
         yield World.current()
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def quiet(enabled: bool) -> Iterator[None]:
+    """Nothing printed on the consoles (tables, progress, warnings) in the block when
+    ``enabled``: the ranks but 0 of a launch, as rank 0 speaks for all. Errors still print."""
+    was = out.quiet, err.quiet
+    if enabled:
+        out.quiet = err.quiet = True
+    try:
+        yield
+    finally:
+        out.quiet, err.quiet = was

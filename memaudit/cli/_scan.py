@@ -107,7 +107,7 @@ def scan(
     inputs = load_inputs(model, flagged=flagged, options=load)
     ids = inputs.ids
     journal = out_path.with_suffix(".journal.jsonl")
-    with process_group(load.device, len(ids)) as world:
+    with process_group(load.device, most=len(ids), per="flagged ids") as world:
         report = run_scan(inputs.auditor, ids, settings, journal=journal, resume=resume)
     if world.rank != 0:
         return

@@ -20,6 +20,7 @@ from memaudit.cli._common import (
     load_inputs,
     writable,
 )
+from memaudit.cli._launch import process_group, quiet, rank_device
 from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
@@ -132,22 +133,36 @@ def unlearn_command(
         Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
     ] = None,
 ) -> None:
-    """Remove what MODEL memorized about the flagged ids; save a plain model and a report."""
+    """Remove what MODEL memorized about the flagged ids; save a plain model and a report.
+
+    Under ``torchrun --nproc-per-node N -m memaudit unlearn ...`` every training run (the
+    unlearning, retraining, membership references) trains under DDP, each global batch of
+    --batch-size shared out between the N processes (one model replica each, on
+    cuda:LOCAL_RANK when there is CUDA); rank 0 prints and writes the model and the report.
+    """
     writable(out_model, "--out-model")
     for path, option in ((report_path, "--out"), (html, "--html")):
         if path is not None:
             writable(path, option)
-    inputs = load_inputs(model, flagged=flagged, options=load)
-    reference = (
-        load_model(retrained, arch=load.arch, trust_pickle=load.trust_pickle)
-        if retrained is not None
-        else None
-    )
-    result = with_progress(
-        lambda on_progress: inputs.auditor.unlearn(
-            inputs.ids, unlearning, retrained=reference, on_progress=on_progress
+    load = load.model_copy(update={"device": rank_device(load.device)})
+    per = "examples per batch (--batch-size)"
+    with (
+        process_group(load.device, most=unlearning.batch_size, per=per) as world,
+        quiet(world.rank != 0),
+    ):
+        inputs = load_inputs(model, flagged=flagged, options=load)
+        reference = (
+            load_model(retrained, arch=load.arch, trust_pickle=load.trust_pickle)
+            if retrained is not None
+            else None
         )
-    )
+        result = with_progress(
+            lambda on_progress: inputs.auditor.unlearn(
+                inputs.ids, unlearning, retrained=reference, on_progress=on_progress
+            )
+        )
+    if world.rank != 0:
+        return
     # What it was measured on and how: the unlearned model reloads with no flags.
     saved = save_model(
         result.model, out_model, train_data=inputs.train.ref, preprocess=inputs.train.preprocess
