@@ -201,6 +201,7 @@ def _search(
     order = torch.full((n_rows, budget), -1, dtype=torch.long, device=x.device)
     found = [Found(-1, label, label, Status.BUDGET_EXHAUSTED) for label in y.tolist()]
     active = torch.arange(n_rows, device=x.device)
+    ids = ids.to(x.device)  # indexed by ``active`` each step, with no transfer
     ref_grads = reference_grad.expand(n_rows, -1).clone() if mode != "shared" else None
     next_refresh = 0 if mode == "exact" else 1
     n_zeroed = step = 0
@@ -212,7 +213,7 @@ def _search(
             next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
         ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
         ctx = ScoreContext(
-            model, masks, x[active], y[active], mask, ref_grad, settings, ids[active.cpu()], step
+            model, masks, x[active], y[active], mask, ref_grad, settings, ids[active], step
         )
         # Score before checking for flips: the default scorer's forward also gives predictions.
         scored = scorer(ctx) if n_zeroed < budget else None
