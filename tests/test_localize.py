@@ -405,6 +405,30 @@ def test_exact_reference_gradients_are_reused_across_calls(
     assert not full.cache and len(reference.cache) == 4
 
 
+def test_equal_edits_are_evaluated_once(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """Edits that zero the same units (in any order) share one evaluation, with each edit's own
+    accuracy as when evaluated alone."""
+    model, data, _ = tiny
+    classifier = Auditor(model, data, device="cpu").model.eval()
+    rows_seen: list[int] = []
+    handle = model.conv1.register_forward_hook(lambda m, i, o: rows_seen.append(len(o)))
+    rows, cpu = torch.arange(12), torch.device("cpu")
+    with UnitMasks(classifier.net, classifier.units()) as masks:
+        together = localize.edited_accuracy(
+            classifier, masks, [[0, 3], [9], [3, 0]], data, rows, device=cpu
+        )
+        shared = sum(rows_seen)
+        alone = [
+            localize.edited_accuracy(classifier, masks, [s], data, rows, device=cpu)[0]
+            for s in ([0, 3], [9])
+        ]
+    handle.remove()
+    assert shared == 2 * len(rows)
+    torch.testing.assert_close(together, torch.stack([alone[0], alone[1], alone[0]]))
+
+
 def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     tiny: tuple[nn.Module, ImageDataset, ImageDataset],
 ) -> None:
