@@ -7,14 +7,18 @@ units-to-flip, collateral accuracy drops, layers, speed-up and per-example agree
 
     python benchmarks/bench_scan.py --testbed memaudit-demo/testbed --n 50 --modes shared,exact
 
-Each reference mode is compared against the same sequential run. ``--noise-floor`` runs the
-sequential reference a second time with another draw of reference rows: how far two runs of the
-authors' own procedure agree is the floor under any agreement figure.
+Each reference mode is compared against the same sequential run. The batched search runs
+channels-last, as the scan does; the reference runs in PyTorch's default layout, as the
+authors' code does, or with ``--reference-channels-last`` channels-last too.
+``--noise-floor`` runs the sequential reference a second time with another draw of reference
+rows: how far two runs of the authors' own procedure agree is the floor under any agreement
+figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import platform
@@ -30,7 +34,7 @@ from rich.table import Table
 
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
 from memaudit.data import ImageDataset, complement, sample
-from memaudit.engine import pick_device
+from memaudit.engine import channels_last, pick_device
 from memaudit.localize import Reference, greedy_search, reference_gradient
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
@@ -65,6 +69,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--noise-floor", action="store_true", help="rerun the reference on other reference rows"
+    )
+    parser.add_argument(
+        "--reference-channels-last",
+        action="store_true",
+        help="run the sequential reference channels-last too, as memaudit's scan runs",
     )
     parser.add_argument("--groups", default="noisy,clean", help="comma-separated: noisy, clean")
     parser.add_argument("--device", default="auto")
@@ -108,6 +117,7 @@ def main() -> None:
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "reference_channels_last": args.reference_channels_last,
         "machine": platform.processor() or platform.machine(),
         "groups": {},
     }
@@ -131,7 +141,8 @@ def main() -> None:
         )
         console.print(f"{name}: sequential reference ...")
         start = time.perf_counter()
-        seq = sequential(ref_rows)
+        with channels_last(model) if args.reference_channels_last else contextlib.nullcontext():
+            seq = sequential(ref_rows)
         seq_seconds = time.perf_counter() - start
         seq_search = seq_seconds - sum(s.eval_seconds for s in seq)
         group: dict[str, Any] = {
@@ -216,7 +227,7 @@ def _bare_search(
     """The greedy search alone (no pruning, no evaluation), timed like the reference."""
     start = time.perf_counter()
     units: list[list[int]] = []
-    with UnitMasks(model.net, model.units()) as masks:
+    with UnitMasks(model.net, model.units()) as masks, channels_last(model):  # as the scan runs
         ref_grad = reference_gradient(model, masks, train, ref_rows, device=device)
         exact = Reference(train.batch(ref_rows, device), train.labels[ref_rows].to(device))
         reference = exact if settings.reference_mode != "shared" else None

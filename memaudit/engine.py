@@ -281,10 +281,10 @@ def fit(
 @contextmanager
 def channels_last(model: nn.Module) -> Iterator[None]:
     """The model's 4-d (convolution) weights in channels-last layout for the block, restored
-    after. The same arithmetic in another memory order. The testbed's ResNet-9, masked forward
-    and backward on the 2-core test CPU: 18-42% less time per row with one thread (as each
-    rank of a two-rank launch there runs) at passes of 64-512 rows; with two threads, 25% at
-    64 rows and none at 256."""
+    after. The same arithmetic in another memory order. The testbed's ResNet-9 on the 2-core
+    test CPU, masked passes of 256 rows, best of three: 24-31% less time per row for a forward
+    and backward and 33-43% for a forward with two threads; 18% for a forward and backward
+    with one thread (as each rank of a two-rank launch there runs), in one run."""
     if not any(p.ndim == 4 for p in model.parameters()):
         yield
         return

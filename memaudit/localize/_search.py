@@ -114,7 +114,7 @@ def exact_reference_grad(
     held = reference.cached(keys)
     todo = [k for k, g in enumerate(held) if g is None]
     n_ref = len(reference.y)
-    per_chunk = max(1, rows_per_pass(mask.device) // max(1, n_ref))
+    per_chunk = max(1, rows_per_pass(mask.device, backward=True) // max(1, n_ref))
     fresh = []
     for rows in distinct[todo].split(per_chunk):
         leaf = rows.requires_grad_(True)
