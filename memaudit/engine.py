@@ -282,8 +282,8 @@ def fit(
 def channels_last(model: nn.Module) -> Iterator[None]:
     """The model's 4-d (convolution) weights in channels-last layout for the block, restored
     after. The same arithmetic in another memory order. The testbed's ResNet-9 on the 2-core
-    test CPU, masked passes of 256 rows, best of three: 24-31% less time per row for a forward
-    and backward and 33-43% for a forward with two threads; 18% for a forward and backward
+    test CPU, masked passes of 256 rows, best of three: 24-27% less time per row for a forward
+    and backward and 33-40% for a forward with two threads; 18% for a forward and backward
     with one thread (as each rank of a two-rank launch there runs), in one run."""
     if not any(p.ndim == 4 for p in model.parameters()):
         yield

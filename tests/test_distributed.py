@@ -53,16 +53,21 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _worker(rank: int, world: int, root: str, run: str, kill: int | None, how: str) -> None:
+def _gloo(rank: int, world: int, rendezvous: Path) -> None:
+    """Join a gloo group of ``world`` through a rendezvous file, one thread per rank."""
     torch.set_num_threads(1)
-    here = Path(root)
     dist.init_process_group(
         "gloo",
-        init_method=f"file://{here / run}.rdzv",
+        init_method=f"file://{rendezvous}",
         rank=rank,
         world_size=world,
         timeout=timedelta(seconds=60),
     )
+
+
+def _worker(rank: int, world: int, root: str, run: str, kill: int | None, how: str) -> None:
+    here = Path(root)
+    _gloo(rank, world, here / f"{run}.rdzv")
     calls = 0
 
     def progress(done: int, total: int) -> None:
@@ -261,15 +266,8 @@ def _fits(data: ImageDataset) -> dict[str, dict[str, Any]]:
 
 
 def _fit_worker(rank: int, world: int, root: str) -> None:
-    torch.set_num_threads(1)
     here = Path(root)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{here / 'fit.rdzv'}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    _gloo(rank, world, here / "fit.rdzv")
     try:
         torch.save(_fits(_data(here)), here / f"fit.rank{rank}.pt")
         with pytest.raises(MemauditError, match="on_loss"):  # it would see one rank's losses

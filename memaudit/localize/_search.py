@@ -88,14 +88,11 @@ class Reference:
         self.x, self.y, self.cache_bytes = x, y, cache_bytes
         self.cache: dict[bytes, torch.Tensor] = {}
 
-    def cached(self, keys: list[bytes]) -> list[torch.Tensor | None]:
-        """The gradients held for these mask keys (``None`` where not held)."""
-        return [self.cache.get(k) for k in keys]
-
     def keep(self, keys: list[bytes], grads: torch.Tensor) -> None:
-        """Hold ``grads`` ``[n, U]`` under ``keys``, as far as the byte budget allows."""
+        """Hold copies of ``grads`` ``[n, U]`` under ``keys``, as far as the byte budget
+        allows (copies: a view would keep the whole batch of gradients alive)."""
         room = self.cache_bytes // max(1, grads.shape[1] * grads.element_size()) - len(self.cache)
-        self.cache.update(zip(keys[: max(0, room)], grads[: max(0, room)], strict=False))
+        self.cache.update(zip(keys, grads[: max(0, room)].clone(), strict=False))
 
 
 def exact_reference_grad(
@@ -111,7 +108,7 @@ def exact_reference_grad(
     """
     distinct, inverse = torch.unique(mask.detach(), dim=0, return_inverse=True)
     keys = [row.tobytes() for row in np.packbits((distinct == 0).cpu().numpy(), axis=1)]
-    held = reference.cached(keys)
+    held = [reference.cache.get(k) for k in keys]
     todo = [k for k, g in enumerate(held) if g is None]
     n_ref = len(reference.y)
     per_chunk = max(1, rows_per_pass(mask.device, backward=True) // max(1, n_ref))
