@@ -116,6 +116,28 @@ FORGET_KINDS = {
 }
 
 
+# Hugging Face's ViT default is ImageNet-sized (224x224, 12 layers of 768); the testbed's is a
+# ViT a CPU trains on 28x28 digits: 4 layers of 96, patches of 4 (49 tokens).
+SMALL_HF_VIT: dict[str, int | float | str] = {
+    "patch_size": 4,
+    "hidden_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 384,
+}
+
+
+def arch_config_for(
+    arch: str, config: dict[str, int | float | str], image_size: int
+) -> dict[str, int | float | str]:
+    """The settings the testbed builds ``arch`` with: ``config`` over :data:`SMALL_HF_VIT` for
+    ``hf:vit``; a Hugging Face model's ``image_size`` defaults to the testbed's."""
+    out = {**SMALL_HF_VIT, **config} if arch == "hf:vit" else dict(config)
+    if arch.startswith("hf:"):
+        out.setdefault("image_size", image_size)
+    return out
+
+
 def forget_sets(
     labels: torch.Tensor, noisy_ids: torch.Tensor, *, seed: int
 ) -> dict[str, torch.Tensor]:
@@ -202,6 +224,8 @@ def build_testbed(
     num_classes = max(int(true_labels.max()), int(arrays["test_labels"].max())) + 1
     # mnist arrays are [N, H, W]; datasets read from disk are [N, C, H, W].
     channels = 1 if arrays["train_images"].ndim == 3 else int(arrays["train_images"].shape[1])
+    size = cfg.image_size or int(arrays["train_images"].shape[-1])
+    cfg = cfg.model_copy(update={"arch_config": arch_config_for(cfg.arch, cfg.arch_config, size)})
     with torch.random.fork_rng(devices=[]):  # the initialization is the seed's too
         torch.manual_seed(cfg.seed)
         model = build_model(  # a bad architecture or option fails before anything is written
@@ -233,7 +257,6 @@ def build_testbed(
     }
 
     mean, std = (MNIST_MEAN, MNIST_STD) if cfg.data == "mnist" else ((0.5,), (0.5,))
-    size = cfg.image_size or int(arrays["train_images"].shape[-1])
     model.info.preprocess = Preprocess(image_size=size, mean=mean, std=std)
     model.info.class_names = (
         [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None

@@ -16,8 +16,10 @@ from memaudit.errors import MemauditError
 from memaudit.models import Classifier, build_model, load_model
 from memaudit.testbed import (
     FORGET_KINDS,
+    SMALL_HF_VIT,
     TestbedConfig,
     TestbedResult,
+    arch_config_for,
     build_testbed,
     forget_sets,
     label_noise,
@@ -127,6 +129,34 @@ def test_testbed_on_a_dataset_from_disk(tmp_path: Path) -> None:
     model = load_model(result.model)
     assert model.info.in_chans == 3 and model.info.num_classes == 4
     assert load_dataset(result.data, model=model).images.shape == (40, 3, 8, 8)
+
+
+def test_testbed_on_a_small_hf_vit(tmp_path: Path) -> None:
+    """``--arch hf:vit`` is memaudit's small ViT at the data's size, trained by the transformer
+    recipe; the testbed records the settings it built."""
+    assert arch_config_for("hf:vit", {"hidden_size": 16}, 28) == {
+        **SMALL_HF_VIT,
+        "hidden_size": 16,
+        "image_size": 28,
+    }
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "src.npz",
+        train_images=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8),
+        train_labels=np.arange(40) % 4,
+        test_images=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+        test_labels=np.arange(12) % 4,
+    )
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "intermediate_size": 32}
+    config = TestbedConfig(
+        data=str(tmp_path / "src.npz"), arch="hf:vit", arch_config=small, epochs=1
+    )
+    result = build_testbed(tmp_path / "tb", config, device="cpu")
+    assert result.config.arch_config == {**SMALL_HF_VIT, **small, "image_size": 8}
+    assert result.recipe is not None and result.recipe.family == "transformer"
+    model = load_model(result.model)
+    assert model.net.config.patch_size == 4 and model.net.config.image_size == 8
+    assert model.info.preprocess is not None and model.info.preprocess.image_size == 8
 
 
 def test_testbed_on_a_dataset_from_disk_is_reproducible_from_its_seed(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from memaudit.unlearn import (
     METHODS,
     UnlearnMethod,
     UnlearnResult,
+    fresh_copy,
     mia_auc,
     register_method,
     unlearn,
@@ -209,3 +210,18 @@ def test_cli_writes_model_and_report(tmp_path: Path) -> None:
         ]
     )
     assert bad == 2
+
+
+def test_fresh_copy_of_a_hugging_face_model_draws_every_weight_anew(
+    hf_dirs: dict[str, Path],
+) -> None:
+    """Retraining starts from scratch: the ViT's class token and position embeddings, which no
+    ``reset_parameters`` holds, are drawn anew too; the info is kept."""
+    model = load_model(hf_dirs["vit"])
+    torch.manual_seed(12345)  # not the seed the saved (untrained) model was drawn with
+    fresh = fresh_copy(model)
+    old, new = model.state_dict(), fresh.state_dict()
+    assert old.keys() == new.keys() and fresh.info == model.info
+    changed = {k for k in old if old[k].is_floating_point() and not torch.equal(old[k], new[k])}
+    assert {k for k in old if "embeddings" in k and "patch" not in k} <= changed
+    assert {k for k in old if k.endswith("weight") and old[k].dim() > 1} <= changed

@@ -102,7 +102,10 @@ def testbed(
         str, typer.Option(help="'mnist' (bundled) or a dataset path with train/test.")
     ] = "mnist",
     arch: Annotated[
-        str, typer.Option(help="memaudit:resnet9 or any timm:NAME.")
+        str,
+        typer.Option(
+            help="memaudit:resnet9, any timm:NAME or hf:MODEL_TYPE (hf:vit: a small ViT)."
+        ),
     ] = "memaudit:resnet9",
     arch_config: Annotated[
         list[str] | None,

@@ -174,7 +174,8 @@ def _zero_units(job: UnlearnJob) -> Classifier:
 
 
 def fresh_copy(model: Classifier) -> Classifier:
-    """The same architecture and info with newly initialized weights."""
+    """The same architecture and info with newly initialized weights: rebuilt from its family
+    (timm, memaudit) or config (Hugging Face); else a copy whose modules reset their parameters."""
     family = model.info.arch.partition(":")[0]
     if family in FAMILIES and family != "hf":
         fresh = build_model(
@@ -185,6 +186,10 @@ def fresh_copy(model: Classifier) -> Classifier:
         )
         fresh.info = model.info.model_copy()
         return fresh
+    if callable(getattr(model.net, "post_init", None)):  # Hugging Face: its own initialization,
+        # the class token and position embeddings included (no reset_parameters holds them)
+        net = type(model.net)(copy.deepcopy(model.net.config))
+        return Classifier(net, model.info.model_copy(), model.preprocess_origin)
     fresh = copy.deepcopy(model)
     for module in fresh.modules():
         reset = getattr(module, "reset_parameters", None)
