@@ -91,9 +91,11 @@ def family_of(model: nn.Module) -> str:
 
 
 def recipe_for(model: nn.Module, **overrides: object) -> Recipe:
-    """The recipe of the model's family (:data:`RECIPES`), with ``overrides`` that are not
-    None (e.g. ``lr``, ``optimizer``, ``warmup``, ``weight_decay``)."""
-    base = RECIPES[family_of(model)]
+    """The recipe the model was trained with when its info records one (memaudit trained it),
+    else its family's (:data:`RECIPES`), with ``overrides`` that are not None (e.g. ``lr``,
+    ``optimizer``, ``warmup``, ``weight_decay``)."""
+    recorded = getattr(getattr(model, "info", None), "recipe", None)
+    base = recorded if isinstance(recorded, Recipe) else RECIPES[family_of(model)]
     given = {k: v for k, v in overrides.items() if v is not None}
     return validated(Recipe, {**base.model_dump(), **given}, "training setting")
 

@@ -276,6 +276,7 @@ def build_testbed(
         warmup=cfg.warmup,
         epochs=cfg.epochs,
     )
+    model.info.recipe = recipe  # retraining without some ids follows it
     etd = _tied_dropout(model, cfg)
 
     def as_plain(mode: DropoutMode) -> Classifier:

@@ -112,6 +112,17 @@ def test_tiny_testbed_reloads_with_no_flags(tiny_testbed: Path) -> None:
     assert first.info.train_data == model.info.train_data
 
 
+def test_a_testbed_model_records_its_recipe_and_retraining_follows_it(tiny_testbed: Path) -> None:
+    from memaudit.engine import recipe_for
+
+    result = TestbedResult.model_validate_json((tiny_testbed / "testbed.json").read_text())
+    model = load_model(tiny_testbed / "model.safetensors")
+    assert result.recipe is not None and result.recipe.epochs == 1
+    assert model.info.recipe == result.recipe == recipe_for(model)
+    assert recipe_for(model, lr=0.2).lr == 0.2  # overrides still apply on top
+    assert recipe_for(build_model("memaudit:resnet9", num_classes=3)).epochs == 30  # unrecorded
+
+
 def test_testbed_on_a_dataset_from_disk(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     np.savez(

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from memaudit.errors import MemauditError
+from memaudit.schema import Recipe
 from memaudit.units import UnitSpace
 
 
@@ -50,6 +51,9 @@ class ModelInfo(BaseModel):
     head: str | None = None
     train_data: DataRef | None = None
     arch_config: dict[str, Any] = {}
+    recipe: Recipe | None = Field(
+        None, description="the recipe memaudit trained it with (retraining follows it)"
+    )
 
 
 Expected = tuple[Preprocess, str]  # the inputs a model expects, and where that comes from

@@ -41,7 +41,10 @@ class UnlearnSettings(BaseModel):
         False, description="also retrain from scratch without the flagged ids (slow)"
     )
     retrain_epochs: int | None = Field(
-        None, ge=1, description="epochs of retraining and of the membership references"
+        None,
+        ge=1,
+        description="epochs of retraining and of the membership references (default: the "
+        "recipe's: the one the model was trained with when its checkpoint records it)",
     )
     reference_margin: float = Field(
         0.02,

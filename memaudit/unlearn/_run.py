@@ -230,7 +230,7 @@ def unlearn(
     retrain_scores, retrain_seconds, agreement = None, None, None
     if cfg.compare_retrain and retrained is None:
         gold = METHODS["retrain"]
-        retrained, retrain_seconds = run(gold, cfg.retrain_epochs or gold.epochs, "retrain")
+        retrained, retrain_seconds = run(gold, cfg.retrain_epochs or recipe.epochs, "retrain")
     if retrained is not None:
         retrain_scores = measure(retrained, train_set, rows, retained, test=test, device=dev)
         agreement = float(
@@ -248,7 +248,7 @@ def unlearn(
         refs = list(references)
         for k in range(len(refs), membership_references):
             stage = f"reference {k + 1}/{membership_references}"  # each its own seed
-            refs.append(run(gold, cfg.retrain_epochs or gold.epochs, stage, seed + 1000 + k)[0])
+            refs.append(run(gold, cfg.retrain_epochs or recipe.epochs, stage, seed + 1000 + k)[0])
         scored = {"before": model, "after": unlearned}
         if retrained is not None:
             scored["retrain"] = retrained
