@@ -307,10 +307,17 @@ def test_transformers_get_dropout_on_mlp_features_and_fold_exactly(
     else:
         arch = {"timm-vit": "timm:test_vit", "timm-convnext": "timm:test_convnext"}[kind]
         model = build_model(arch, num_classes=3, in_chans=3).eval()
+        with torch.no_grad():  # a trained model's layer scale: timm's 1e-6 hid a wrong fold
+            for name, param in model.named_parameters():
+                if name.endswith("gamma"):
+                    param.fill_(1.0)
     hidden = mlp_hidden_layers(model)
     assert hidden and all("act" in name.rpartition(".")[2] for name in hidden)
     etd = TiedDropout(model)
     assert etd.names == hidden  # the default placement for these families
+    if kind.startswith("timm-"):  # the hidden features, also in channels-last ConvNeXt blocks
+        fc1 = [model.net.get_submodule(n.rpartition(".")[0]).fc1.out_features for n in hidden]
+        assert [layer.size for layer in etd.space.layers] == fc1
     size = 16 if kind.startswith("hf-") else 32
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():

@@ -101,8 +101,10 @@ def layer_outputs(
     model: nn.Module, names: Sequence[str], example: torch.Tensor | None = None
 ) -> list[tuple[str, int, int]]:
     """``(name, channels, channel axis)`` of each output of ``names``: from the layer's type,
-    or (after a block) from one traced forward of ``example``: axis 1 for 4-D and 5-D maps,
-    the last axis for features and tokens."""
+    or (after a block) from one traced forward of ``example``: the axis of the conv / linear
+    layer whose output the block reads, if one does (an MLP's activation after its linear
+    layer: the last axis, also in a channels-last ConvNeXt block); else axis 1 for 4-D and 5-D
+    maps, the last axis for features and tokens."""
     net, _ = net_of(model)
     modules = []
     for name in names:
@@ -117,13 +119,22 @@ def layer_outputs(
     blocks = [(n, m) for n, m in modules if known[n] is None]
     if blocks:
         x = example_input(model) if example is None else example
-        with torch.no_grad(), traced(blocks) as calls:
+        layers = [(n, m) for n, m in net.named_modules() if isinstance(m, (*CONV, nn.Linear))]
+        with torch.no_grad(), traced([*blocks, *layers]) as calls:
             was_training = model.training
             model.eval()(x)
             model.train(was_training)
+        axis_of = {  # the channel axis of each conv / linear output, by its storage
+            c.output.data_ptr(): 1 if isinstance(c.module, CONV) else -1
+            for c in calls
+            if isinstance(c.module, (*CONV, nn.Linear))
+        }
         for call in calls:  # the first call of a module that is called twice
-            dim = 1 if call.output.ndim in (4, 5) else -1
-            known[call.name] = known[call.name] or (int(call.output.shape[dim]), dim)
+            if call.name not in known or known[call.name] is not None:
+                continue
+            default = 1 if call.output.ndim in (4, 5) else -1
+            dim = axis_of.get(call.input.data_ptr(), default)
+            known[call.name] = (int(call.output.shape[dim]), dim)
     missing = [n for n, axis in known.items() if axis is None]
     if missing:
         raise MemauditError(f"layer {missing[0]!r} is not called in the model's forward")
