@@ -12,6 +12,10 @@ results are written after every (kind, seed), and ``--resume`` continues an inte
     .venv/bin/python benchmarks/bench_unlearn.py --testbed memaudit-demo/testbed --seeds 3
     .venv/bin/python benchmarks/bench_unlearn.py --forget random-1 --seeds 1
     .venv/bin/python benchmarks/bench_unlearn.py --overhead-only
+    .venv/bin/python benchmarks/bench_unlearn.py --arch hf:vit,timm:vit,timm:convnext --seeds 1
+
+``--arch`` trains a testbed on each of those architectures (small ViTs and a ConvNeXt, by their
+family's recipe, in ``--cache``) and unlearns its mislabeled ids there.
 
 ``--overhead-only`` measures example-tied dropout's training-step time with and without it, and
 its memory for 1M example ids. Prints tables (mean ± sd over seeds; ``--markdown`` for the
@@ -43,7 +47,7 @@ from memaudit.dropout import TiedDropout
 from memaudit.masks import traced
 from memaudit.models import Classifier
 from memaudit.schema import UnlearnReport
-from memaudit.testbed import FORGET_KINDS, forget_sets
+from memaudit.testbed import FORGET_KINDS, TestbedConfig, build_testbed, forget_sets
 from memaudit.unlearn import METHODS, fresh_copy, unlearn
 
 console = Console(stderr=True)
@@ -159,22 +163,54 @@ def forget_ids(tb: Path, kind: str, seed: int, train: Any) -> list[int]:
     return train.ids_of(rows)
 
 
+# Small models of the other families on the testbed's digits (``--arch``): trained by
+# ``memaudit testbed`` with their family's recipe (AdamW + warm-up + cosine).
+ARCHS: dict[str, dict[str, Any]] = {
+    "hf:vit": {"arch": "hf:vit"},  # memaudit's small HF ViT (SMALL_HF_VIT), 49 tokens
+    "timm:vit": {"arch": "timm:test_vit", "arch_config": {"img_size": 28, "patch_size": 4}},
+    "timm:convnext": {  # stem stride 2 at 32x32 leaves 16, 8, 4, 2 pixels to the 4 stages
+        "arch": "timm:test_convnext",
+        "arch_config": {"patch_size": 2},
+        "image_size": 32,
+    },
+}
+
+
+def arch_testbed(name: str, root: Path, epochs: int) -> Path:
+    """The testbed of ``name`` (:data:`ARCHS`) in ``root``, trained once and reused after."""
+    where = root / f"testbed-{name.replace(':', '-')}"
+    if not (where / "testbed.json").exists():
+        console.print(f"training the {name} testbed ({epochs} epochs) ...")
+        result = build_testbed(where, TestbedConfig(**ARCHS[name], epochs=epochs), device="cpu")
+        console.print(f"  {result.seconds:.0f} s, test {100 * result.test_accuracy:.1f}%")
+    return where
+
+
 def n_references(n_ids: int) -> int:
     """Enough references that TPR at 1% FPR is resolvable: ``K * n >= 100`` negatives, K >= 2."""
     return max(2, math.ceil(100 / n_ids))
 
 
 def yardstick(
-    model: Classifier, train: Any, test: Any, ids: list[int], *, seed: int, cache: Path, kind: str
+    model: Classifier,
+    train: Any,
+    test: Any,
+    ids: list[int],
+    *,
+    seed: int,
+    cache: Path,
+    kind: str,
+    references: int | None,
 ) -> tuple[Classifier, list[Classifier], float]:
-    """The retrained model and the membership references for these ids, cached on disk."""
+    """The retrained model and the membership references for these ids (``references`` of them,
+    default :func:`n_references`; 0: no membership test), cached on disk."""
+    k = n_references(len(ids)) if references is None else references
     where = cache / f"{kind}-seed{seed}"
     meta = where / "yardstick.json"
     saved = json.loads(meta.read_text()) if meta.exists() else {}
-    if saved.get("ids") == ids:
-        refs = [load_model(where / f"reference_{k}.safetensors") for k in range(saved["k"])]
+    if saved.get("ids") == ids and saved["k"] >= k:
+        refs = [load_model(where / f"reference_{j}.safetensors") for j in range(k)]
         return load_model(where / "retrain.safetensors"), refs, saved["retrain_seconds"]
-    k = n_references(len(ids))
     console.print(f"  retraining + {k} membership references without the {len(ids)} ids ...")
     gold = unlearn(
         model,
@@ -198,8 +234,8 @@ def yardstick(
 def figures(report: UnlearnReport, which: str) -> dict[str, float | None]:
     """One row's figures: accuracies, the membership test after unlearning, the average gap."""
     scores = {"before": report.before, "after": report.after, "retrain": report.retrain}[which]
-    assert scores is not None and report.membership is not None
-    member = getattr(report.membership, which)
+    assert scores is not None
+    member = getattr(report.membership, which) if report.membership else None
     gap = report.average_gap() if which == "after" else None
     if which == "retrain":
         gap = 0.0
@@ -207,20 +243,27 @@ def figures(report: UnlearnReport, which: str) -> dict[str, float | None]:
         "flagged": scores.flagged_accuracy,
         "retained": scores.retained_accuracy,
         "test": scores.test_accuracy,
-        "auc": member.auc.value,
-        "tpr1": member.tpr_at_1pct_fpr.value,
+        "auc": member.auc.value if member else None,
+        "tpr1": member.tpr_at_1pct_fpr.value if member else None,
         "gap": gap,
         "seconds": report.seconds if which == "after" else None,
     }
 
 
 def run_one(
-    tb: Path, kind: str, seed: int, methods: list[str], cache: Path, loaded: tuple[Any, ...]
+    tb: Path,
+    kind: str,
+    seed: int,
+    methods: list[str],
+    cache: Path,
+    references: int | None,
 ) -> dict[str, dict[str, float | None]]:
-    model, train, test = loaded
+    model = load_model(tb / "model.safetensors")
+    train = load_dataset(tb / "data.npz", split="train", model=model)
+    test = load_dataset(tb / "data.npz", split="test", model=model)
     ids = forget_ids(tb, kind, seed, train)
     retrained, refs, retrain_seconds = yardstick(
-        model, train, test, ids, seed=seed, cache=cache, kind=kind
+        model, train, test, ids, seed=seed, cache=cache, kind=kind, references=references
     )
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
@@ -293,12 +336,23 @@ def print_tables(summary: dict[str, Any], seeds: dict[str, int], markdown: bool)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--testbed", default="memaudit-demo/testbed")
-    parser.add_argument("--forget", default="all", help=f"a kind ({', '.join(KINDS)}) or 'all'")
+    parser.add_argument(
+        "--arch",
+        help=f"instead of --testbed: testbeds of these architectures ({', '.join(ARCHS)}), "
+        "built in --cache; forget 'mislabeled', no membership test unless --references",
+    )
+    parser.add_argument("--arch-epochs", type=int, default=40, help="training epochs (--arch)")
+    parser.add_argument("--forget", help=f"a kind ({', '.join(KINDS)}) or 'all' (the default)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed-list", help="run only these seeds (comma-separated), e.g. 2")
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "retrain"))
+    parser.add_argument(
+        "--references", type=int, help="membership references (default: enough for TPR@1%%FPR)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cache", default="/tmp/memaudit-bench-unlearn", help="retrained models")
@@ -309,53 +363,62 @@ def main() -> None:
         action="store_true",
         help="only the ETD overhead (step time, memory), into the etd_overhead of --out",
     )
-    parser.add_argument("--out", default="benchmarks/results/unlearn.json")
+    parser.add_argument("--out", help="default: benchmarks/results/unlearn[_archs].json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    tb = Path(args.testbed)
-    model = load_model(tb / "model.safetensors")
-    train = load_dataset(tb / "data.npz", split="train", model=model)
-    test = load_dataset(tb / "data.npz", split="test", model=model)
-    out = Path(args.out)
+    cache = Path(args.cache)
+    archs = args.arch.split(",") if args.arch else []
+    if unknown := [a for a in archs if a not in ARCHS]:
+        parser.error(f"unknown --arch {unknown}; choose from {', '.join(ARCHS)}")
+    out = Path(args.out or f"benchmarks/results/unlearn{'_archs' if archs else ''}.json")
     saved = json.loads(out.read_text()) if out.exists() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.overhead_only:
+        model = load_model(Path(args.testbed) / "model.safetensors")
+        train = load_dataset(Path(args.testbed) / "data.npz", split="train", model=model)
         overhead = measure_overhead(model, train, steps=args.steps)
         print_overhead(overhead)
         out.write_text(json.dumps({**saved, "etd_overhead": overhead}, indent=2))
         console.print(f"updated etd_overhead in {out}")
         return
-    kinds = KINDS if args.forget == "all" else tuple(args.forget.split(","))
+    forget = args.forget or ("mislabeled" if archs else "all")
+    kinds = KINDS if forget == "all" else tuple(forget.split(","))
+    # (label, testbed, kind, cache of its yardsticks): one per kind, or per architecture and kind
+    settings = [
+        (f"{a} {kind}", arch_testbed(a, cache, args.arch_epochs), kind, cache / a.replace(":", "-"))
+        for a in archs
+        for kind in kinds
+    ] or [(kind, Path(args.testbed), kind, cache) for kind in kinds]
+    references = 0 if archs and args.references is None else args.references
     methods = [m for m in args.methods.split(",") if m]
     runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if args.resume else {}
-    cache = Path(args.cache)
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
-    for kind in kinds:
+    for label, tb, kind, where in settings:
         for seed in seeds:
-            if str(seed) in runs.get(kind, {}):
+            if str(seed) in runs.get(label, {}):
                 continue
-            console.print(f"forget '{kind}', seed {seed}:")
+            console.print(f"{escape(label)}, seed {seed}:")
             start = time.perf_counter()
-            done = run_one(tb, kind, seed, methods, cache, (model, train, test))
-            runs.setdefault(kind, {})[str(seed)] = done
+            done = run_one(tb, kind, seed, methods, where, references)
+            runs.setdefault(label, {})[str(seed)] = done
             console.print(f"  {time.perf_counter() - start:.0f} s")
-            summary = summarize_runs(runs)
             out.write_text(  # after every run: an interrupted benchmark resumes from here
                 json.dumps(
                     {
                         **{k: v for k, v in saved.items() if k == "etd_overhead"},
-                        "testbed": str(tb),
+                        "testbeds": {label: str(tb) for label, tb, _, _ in settings},
                         "methods": methods,
                         "threads": args.threads,
                         "machine": platform.processor() or platform.machine(),
                         "torch": torch.__version__,
                         "runs": runs,
-                        "summary": summary,
+                        "summary": summarize_runs(runs),
                     },
                     indent=2,
                 )
             )
-    summary = summarize_runs({k: v for k, v in runs.items() if k in kinds})
+    labels = [label for label, *_ in settings]
+    summary = summarize_runs({k: v for k, v in runs.items() if k in labels})
     print_tables(summary, {k: len(runs[k]) for k in summary}, args.markdown)
     console.print(f"wrote {out}")
 
