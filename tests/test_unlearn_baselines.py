@@ -1,22 +1,28 @@
-"""The literature's baselines (NegGrad+, SalUn, localize-then-reset, SSD) and the weighted steps of
-``fit(mix=...)``: on a tiny ResNet-9 that memorized a few mislabeled rows."""
+"""The literature's baselines (NegGrad+, SalUn, localize-then-reset, SSD), the weighted steps of
+``fit(mix=...)``, and ``--budget``: on a tiny ResNet-9 that memorized a few mislabeled rows."""
 
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_cnn
 
-from memaudit.data import ImageDataset, complement
+from memaudit.cli import main
+from memaudit.cli._unlearn import parse_options
+from memaudit.data import ImageDataset, complement, write_ids
 from memaudit.engine import Mixed, accuracy, fit
+from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
-from memaudit.models import Classifier, Preprocess, build_model
+from memaudit.models import Classifier, DataRef, Preprocess, build_model, save_model
+from memaudit.schema import UnlearnReport, UnlearnSettings
 from memaudit.units import UnitSpace, reset_unit_weights, zero_unit_weights
-from memaudit.unlearn import fresh_copy, unlearn
+from memaudit.unlearn import METHODS, budget_epochs, fresh_copy, unlearn, unlearn_settings
 
 BASELINES = ("neggrad+", "salun", "localize-reset", "ssd")
 FLAGGED = list(range(0, 64, 8))  # 8 of 64 rows, labelled one class off
@@ -261,3 +267,82 @@ def test_neggrad_plus_cycles_the_flagged_rows_beside_each_retained_batch(
         assert step.weights[neg].sum() == pytest.approx(-0.001)
         forget += step.ids[neg].tolist()
     assert sorted(forget[:8]) == FLAGGED and sorted(forget[8:16]) == FLAGGED  # whole passes
+
+
+# --- the budget ------------------------------------------------------------------------------
+
+
+def test_the_budget_is_a_share_of_the_retraining_epochs() -> None:
+    def epochs(method: str, **given: object) -> int:
+        return budget_epochs(METHODS[method], UnlearnSettings.model_validate(given))
+
+    assert METHODS["retrain"].epochs == 30
+    assert epochs("finetune", budget=0.1) == 3
+    assert epochs("salun", budget=0.25) == 8  # 7.5, rounded half up
+    assert epochs("neggrad+", budget=0.001) == 1  # at least one
+    assert epochs("localize-reset", budget=1.0) == 30
+    assert epochs("finetune", budget=0.25, retrain_epochs=10) == 3  # of the yardstick's 10
+    assert epochs("ssd", budget=0.5) == epochs("zero-units", budget=0.5) == 0  # no training
+    assert epochs("finetune") == 5 and epochs("finetune", epochs=2) == 2
+    with pytest.raises(MemauditError, match="budget: give epochs or budget, not both"):
+        unlearn_settings(epochs=2, budget=0.5)
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(MemauditError, match="budget"):
+            unlearn_settings(budget=bad)
+
+
+def test_unlearn_records_the_budget(memorized: tuple[Classifier, ImageDataset]) -> None:
+    model, train = memorized
+    found = unlearn(model, train, FLAGGED, method="finetune", budget=0.05, retrain_epochs=20)
+    assert found.report.settings["budget"] == 0.05 and found.report.settings["epochs"] == 1
+    plain = unlearn(model, train, FLAGGED, method="finetune", epochs=1)
+    assert "budget" not in plain.report.settings
+
+
+def test_parse_options() -> None:
+    assert parse_options(["beta=0.99", "tie = all", "k=3", "on=TRUE"]) == {
+        "beta": 0.99,
+        "tie": "all",
+        "k": 3,
+        "on": True,
+    }
+    with pytest.raises(MemauditError, match="KEY=VALUE"):
+        parse_options(["beta"])
+
+
+def test_cli_budget_and_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = _striped()
+    np.savez(
+        tmp_path / "data.npz",
+        train_images=train.images[:, 0].numpy(),
+        train_labels=train.labels.numpy(),
+    )
+    torch.manual_seed(0)
+    model = build_model("memaudit:resnet9", num_classes=3, in_chans=1, config={"width": 2})
+    model.info.preprocess = train.preprocess
+    path = save_model(
+        model, tmp_path / "m.safetensors", train_data=DataRef(source=str(tmp_path / "data.npz"))
+    )
+    ids = write_ids(tmp_path / "ids.txt", FLAGGED)
+    argv = [
+        "unlearn",
+        str(path),
+        "--flagged",
+        str(ids),
+        "--out-model",
+        str(tmp_path / "u.safetensors"),
+    ]
+    argv += ["--device", "cpu", "--min-train-accuracy", "0", "--batch-size", "32"]
+    run = [*argv, "--method", "neggrad+", "--budget", "0.1", "--retrain-epochs", "10"]
+    assert main([*run, "--option", "beta=0.9", "--out", str(tmp_path / "r.json")]) == 0
+    report = UnlearnReport.from_json(tmp_path / "r.json")
+    assert report.settings["budget"] == 0.1 and report.settings["epochs"] == 1
+    assert report.settings["beta"] == 0.9
+    capsys.readouterr()
+    assert main([*argv, "--budget", "0.5", "--epochs", "2"]) == 2
+    said = capsys.readouterr().err
+    errors = [line for line in said.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in said, said
+    assert "--budget: give epochs or budget, not both" in errors[0]
+    assert main([*argv, "--option", "beta"]) == 2
+    assert "--option takes KEY=VALUE" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from memaudit.unlearn._methods import (
 from memaudit.unlearn._run import (
     UnlearnResult,
     UnlearnStep,
+    budget_epochs,
     measure,
     mia_auc,
     unlearn,
@@ -35,6 +36,7 @@ __all__ = [
     "UnlearnMethod",
     "UnlearnResult",
     "UnlearnStep",
+    "budget_epochs",
     "fresh_copy",
     "measure",
     "mia_auc",
