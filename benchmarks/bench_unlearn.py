@@ -12,6 +12,7 @@ results are written after every (kind, seed), and ``--resume`` continues an inte
     .venv/bin/python benchmarks/bench_unlearn.py --testbed memaudit-demo/testbed --seeds 3
     .venv/bin/python benchmarks/bench_unlearn.py --forget random-1 --seeds 1
     .venv/bin/python benchmarks/bench_unlearn.py --overhead-only
+    .venv/bin/python benchmarks/bench_unlearn.py --budget 0.1  # every method at 3 epochs
 
 ``--overhead-only`` measures example-tied dropout's training-step time with and without it, and
 its memory for 1M example ids. Prints tables (mean ± sd over seeds; ``--markdown`` for the
@@ -215,7 +216,13 @@ def figures(report: UnlearnReport, which: str) -> dict[str, float | None]:
 
 
 def run_one(
-    tb: Path, kind: str, seed: int, methods: list[str], cache: Path, loaded: tuple[Any, ...]
+    tb: Path,
+    kind: str,
+    seed: int,
+    methods: list[str],
+    cache: Path,
+    loaded: tuple[Any, ...],
+    budget: float | None = None,
 ) -> dict[str, dict[str, float | None]]:
     model, train, test = loaded
     ids = forget_ids(tb, kind, seed, train)
@@ -234,6 +241,7 @@ def run_one(
             retrained=retrained,
             references=refs,
             seed=seed,
+            budget=budget,
             device="cpu",
         )
         if not rows:
@@ -301,6 +309,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "retrain"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--budget", type=float, help="every method's epochs as this share of retraining's"
+    )
     parser.add_argument("--cache", default="/tmp/memaudit-bench-unlearn", help="retrained models")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -336,7 +347,7 @@ def main() -> None:
                 continue
             console.print(f"forget '{kind}', seed {seed}:")
             start = time.perf_counter()
-            done = run_one(tb, kind, seed, methods, cache, (model, train, test))
+            done = run_one(tb, kind, seed, methods, cache, (model, train, test), args.budget)
             runs.setdefault(kind, {})[str(seed)] = done
             console.print(f"  {time.perf_counter() - start:.0f} s")
             summary = summarize_runs(runs)
@@ -346,6 +357,7 @@ def main() -> None:
                         **{k: v for k, v in saved.items() if k == "etd_overhead"},
                         "testbed": str(tb),
                         "methods": methods,
+                        "budget": args.budget,
                         "threads": args.threads,
                         "machine": platform.processor() or platform.machine(),
                         "torch": torch.__version__,
