@@ -38,9 +38,13 @@ def _neggrad_plus(job: UnlearnJob) -> Classifier:
     over the retained rows per epoch, the flagged rows cycled alongside in batches of the same
     size (each pass in a new order drawn from the seed). Both batches go through one forward,
     so BatchNorm normalizes them together and its running statistics see both. Defaults:
-    ``beta=0.999`` (the paper tunes beta per setting; 0.999 keeps the retain term dominant
-    and the run stable for as long as the forget loss grows), 5 epochs at the fine-tuning
-    rate, as ``finetune``.
+    ``beta=0.9``, 5 epochs at the fine-tuning rate, as ``finetune``. The paper tunes beta per
+    setting; 0.999 was tried first, once, on the testbed's 400 mislabeled ids with seed 7 (a
+    seed the benchmark does not report): 100% flagged accuracy after, as ``finetune`` (rows fit
+    at near-zero loss give the forget term almost no gradient at that weight). The one
+    adjustment, 0.9, on the same run: 0.0% flagged, 99.2% retained, 97.3% test (retrained:
+    0.2 / 100 / 98.6), but a membership AUC of 0.000: the flagged ids end up fit worse than
+    a model that never saw them.
     """
     beta = float(job.options["beta"])
     if not 0 < beta < 1:
@@ -123,7 +127,8 @@ def _salun(job: UnlearnJob) -> Classifier:
     off (it would move them). Defaults as
     the authors' (10 epochs; their rate is 0.13x their training rate, constant; here the
     family's schedule peaks at 0.26x the fine-tuning rate, whose one-cycle mean is about half
-    its peak).
+    its peak). Checked once on the testbed's 400 mislabeled ids with seed 7 (not reported by
+    the benchmark): 0.5% flagged, 100% retained, 93.8% test (retrained: 0.2 / 100 / 98.6).
     """
     sparsity = float(job.options["sparsity"])
     if not 0 <= sparsity < 1:
@@ -161,7 +166,9 @@ def _localize_reset(job: UnlearnJob) -> Classifier:
     values (a new copy of the architecture drawn with the job's seed: the weights and bias
     ``zero-units`` would zero), and the model is fine-tuned on the retained rows. Defaults:
     the scan's defaults, then 5 epochs at the fine-tuning rate, as ``finetune`` (so the two
-    differ by the reset alone).
+    differ by the reset alone). Checked once on the testbed's 400 mislabeled ids with seed 7
+    (not reported by the benchmark): 0.2% flagged, 100% retained, 97.5% test (retrained: 0.2 /
+    100 / 98.6; ``finetune`` keeps 99.9% flagged on the reported seeds).
     """
     model = job.model
     per_row = flip_units(model, job.train, job.flagged, device=job.device)
@@ -180,8 +187,15 @@ def _ssd(job: UnlearnJob) -> Classifier:
     the mean over batches of the squared gradient of the batch's cross-entropy (model in eval
     mode), over all training rows (``I_D``) and over the flagged rows (``I_f``). Where
     ``I_f > alpha * I_D`` a parameter is multiplied by ``min(lambda * I_D / I_f, 1)``; the
-    others are left exactly as they were. Defaults: the authors', ``alpha=10``, ``lambda=1``.
-    Progress: one call of ``on_epoch`` per importance pass (2).
+    others are left exactly as they were. Progress: one call of ``on_epoch`` per importance
+    pass (2). Defaults: ``alpha=100``, ``lambda=1``. The authors' ``alpha=10`` was tried
+    first, once, on the testbed's 400 mislabeled ids (10% of the rows) with seed 7 (a seed
+    the benchmark does not report): it dampened 63% of the weights and left the model at
+    chance (10.0% flagged, 10.4% retained, 8.4% test). A forget set that is a tenth of the
+    data puts ``I_f / I_D`` near 10 for any weight the retained rows, fit at near-zero loss,
+    hardly use (the median there was about 15 in every layer), so ``alpha=10`` selects most
+    of the network. The one adjustment, ``alpha=100``, on the same run: 56.7% flagged, 97.1%
+    retained, 89.8% test (retrained: 0.2 / 100 / 98.6); not tuned further.
     """
     alpha, lam = float(job.options["alpha"]), float(job.options["lambda"])
     if alpha <= 0 or lam <= 0:
@@ -210,7 +224,7 @@ register_method(
         epochs=5,
         lr_scale=1.0,
         description="descend beta * retained loss - (1 - beta) * flagged loss (Kurmanji 2023)",
-        options={"beta": 0.999},
+        options={"beta": 0.9},
     ),
 )
 register_method(
@@ -239,6 +253,6 @@ register_method(
         epochs=0,
         lr_scale=1.0,
         description="dampen weights far more important to flagged than to all (Foster 2024)",
-        options={"alpha": 10.0, "lambda": 1.0},
+        options={"alpha": 100.0, "lambda": 1.0},
     ),
 )
