@@ -12,6 +12,7 @@ results are written after every (kind, seed), and ``--resume`` continues an inte
     .venv/bin/python benchmarks/bench_unlearn.py --testbed memaudit-demo/testbed --seeds 3
     .venv/bin/python benchmarks/bench_unlearn.py --forget random-1 --seeds 1
     .venv/bin/python benchmarks/bench_unlearn.py --overhead-only
+    .venv/bin/python benchmarks/bench_unlearn.py --budget 0.1  # every method at 3 epochs
     .venv/bin/python benchmarks/bench_unlearn.py --arch hf:vit,timm:vit,timm:convnext --seeds 1
 
 ``--arch`` trains a testbed on each of those architectures (small ViTs and a ConvNeXt, by their
@@ -257,6 +258,7 @@ def run_one(
     methods: list[str],
     cache: Path,
     references: int | None,
+    budget: float | None = None,
 ) -> dict[str, dict[str, float | None]]:
     model = load_model(tb / "model.safetensors")
     train = load_dataset(tb / "data.npz", split="train", model=model)
@@ -277,6 +279,7 @@ def run_one(
             retrained=retrained,
             references=refs,
             seed=seed,
+            budget=budget,
             device="cpu",
         )
         if not rows:
@@ -355,6 +358,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--budget", type=float, help="every method's epochs as this share of retraining's"
+    )
     parser.add_argument("--cache", default="/tmp/memaudit-bench-unlearn", help="retrained models")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -399,7 +405,7 @@ def main() -> None:
                 continue
             console.print(f"{escape(label)}, seed {seed}:")
             start = time.perf_counter()
-            done = run_one(tb, kind, seed, methods, where, references)
+            done = run_one(tb, kind, seed, methods, where, references, args.budget)
             runs.setdefault(label, {})[str(seed)] = done
             console.print(f"  {time.perf_counter() - start:.0f} s")
             out.write_text(  # after every run: an interrupted benchmark resumes from here
@@ -408,6 +414,7 @@ def main() -> None:
                         **{k: v for k, v in saved.items() if k == "etd_overhead"},
                         "testbeds": {label: str(tb) for label, tb, _, _ in settings},
                         "methods": methods,
+                        "budget": args.budget,
                         "threads": args.threads,
                         "machine": platform.processor() or platform.machine(),
                         "torch": torch.__version__,

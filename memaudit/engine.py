@@ -29,6 +29,18 @@ LossHook = Callable[[torch.Tensor, torch.Tensor], None]  # (ids, per-example los
 
 
 @dataclass(frozen=True)
+class Mixed:
+    """The rows a training step runs on and each one's loss weight: the step descends
+    ``sum(weights * losses)`` (a plain step: the batch's rows, each at ``1 / len``)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+
+BatchMix = Callable[[torch.Tensor], Mixed]  # the epoch's batch of rows -> the step's rows
+
+
+@dataclass(frozen=True)
 class EpochEnd:
     """Passed to ``on_epoch`` after each training epoch (``loss``: mean over its examples)."""
 
@@ -167,6 +179,26 @@ def _step_loss(
     return losses.sum() * weight, float(total) / max(1, n)
 
 
+def _share_mixed(mixed: Mixed, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a mixed global step and their weights (as :func:`_share`: a rank
+    left without rows runs them all at weight 0)."""
+    ids, weights = mixed.ids[rank::world], mixed.weights[rank::world]
+    return (ids, weights) if len(ids) else (mixed.ids, torch.zeros_like(mixed.weights))
+
+
+def _mixed_loss(
+    losses: torch.Tensor, weights: torch.Tensor, *, world: int
+) -> tuple[torch.Tensor, float]:
+    """The loss to step on, ``sum(weights * losses)`` over the global step (times ``world``
+    on each rank: DDP averages the ranks' gradients), and its value (on every rank)."""
+    loss = (losses * weights.to(losses.dtype)).sum()
+    if world == 1:
+        return loss, float(loss.detach())
+    total = loss.detach().float().clone()
+    dist.all_reduce(total)
+    return loss * world, float(total)
+
+
 def fit(
     model: nn.Module,
     data: ImageDataset,
@@ -189,6 +221,7 @@ def fit(
     around_batch: BatchScope | None = None,
     on_loss: LossHook | None = None,
     on_epoch: Callable[[EpochEnd], None] | None = None,
+    mix: BatchMix | None = None,
 ) -> nn.Module:
     """Train ``model`` on ``rows`` of ``data`` (all by default); returns it in eval mode.
 
@@ -203,14 +236,18 @@ def fit(
     ``on_batch(ids)`` before each forward; ``around_batch(ids)``, a context each training step
     runs in (example-tied dropout applies the batch's masks in it); ``on_loss(ids, losses)``
     with per-example losses still on the graph (the gradient probe); ``on_epoch(EpochEnd)``
-    after each epoch.
+    after each epoch. ``mix(batch)``: the rows and per-example loss weights (a :class:`Mixed`)
+    each step trains on instead of the batch at ``1 / len`` each; the step descends the
+    weighted sum, which is also the loss ``stop_loss`` and the epoch losses see (NegGrad+
+    adds forget rows at a negative weight).
 
     Under an initialized process group of several processes (``torchrun``) the model trains
     under DDP: every rank draws the same order and global batches of ``batch_size`` and
     trains on its share ``batch[rank::world]``, its summed loss weighted so that the
     all-reduced gradient is the global batch's mean. The steps, the schedule, ``stop_loss``
     (decided on the global batch's mean loss) and the epoch losses are those of one process;
-    ``on_batch`` and ``around_batch`` get this rank's ids. BatchNorm normalizes with each
+    ``on_batch`` and ``around_batch`` get this rank's ids. ``mix`` is called with the global
+    batch, and its rows and weights are shared out together. BatchNorm normalizes with each
     rank's own batch statistics (the running statistics are rank 0's, broadcast each step).
     ``on_loss`` is refused there: it would see one rank's losses.
     """
@@ -241,7 +278,7 @@ def fit(
         }
     )
     opt = _optimizer(r, trained)
-    sched = _scheduler(r, opt, epochs * steps)
+    sched = _scheduler(r, opt, max(1, epochs * steps))  # epochs=0: no step, no schedule
     labels = data.labels.to(dev)
     net = model if world == 1 else _replicated(model, dev)
     stopped = False
@@ -249,7 +286,14 @@ def fit(
         order = subset[torch.randperm(len(subset), generator=gen)]
         total, seen = 0.0, 0
         for batch in order.split(batch_size):
-            ids, weight = (batch, 1.0) if world == 1 else _share(batch, rank, world)
+            weights: torch.Tensor | None = None
+            if mix is None:
+                ids, weight = (batch, 1.0) if world == 1 else _share(batch, rank, world)
+            else:
+                mixed = mix(batch)
+                ids, weights = (
+                    (mixed.ids, mixed.weights) if world == 1 else _share_mixed(mixed, rank, world)
+                )
             if on_batch is not None:
                 on_batch(ids)
             with around_batch(ids) if around_batch is not None else nullcontext():
@@ -258,7 +302,10 @@ def fit(
                 )
                 if on_loss is not None:
                     on_loss(ids, losses)
-                loss, value = _step_loss(losses, weight=weight, n=len(batch), world=world)
+                if weights is None:
+                    loss, value = _step_loss(losses, weight=weight, n=len(batch), world=world)
+                else:
+                    loss, value = _mixed_loss(losses, weights.to(dev), world=world)
                 total, seen = total + value * len(batch), seen + len(batch)
                 if stop_loss is not None and value > stop_loss:
                     stopped = True

@@ -149,3 +149,28 @@ def zero_unit_weights(model: nn.Module, space: UnitSpace, flat: Sequence[int]) -
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):
             bias[unit.index] = 0
+
+
+@torch.no_grad()
+def reset_unit_weights(
+    model: nn.Module, space: UnitSpace, flat: Sequence[int], source: nn.Module
+) -> None:
+    """Set the weights and bias of the given units in place to those of the same units in
+    ``source`` (e.g. a freshly initialized copy of the architecture): what
+    :func:`zero_unit_weights` zeros, with ``source``'s values instead of zeros.
+
+    One indexed copy per layer (output units on axis 0 of conv and linear weights).
+    """
+    if not len(flat):
+        return
+    wanted = torch.as_tensor(flat, dtype=torch.long).reshape(-1).unique()
+    which = space.layer_index(wanted)
+    for k in which.unique().tolist():
+        layer = space.layers[k]
+        index = wanted[which == k] - layer.offset
+        module, fresh = model.get_submodule(layer.name), source.get_submodule(layer.name)
+        for name in ("weight", "bias"):
+            ours, theirs = getattr(module, name, None), getattr(fresh, name, None)
+            if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor):
+                at = index.to(ours.device)
+                ours[at] = theirs[index.to(theirs.device)].to(ours.device, ours.dtype)

@@ -1,6 +1,7 @@
 """A scan over several processes (gloo on CPU): the same report as one process, sharding that
 keeps every id once, a failed rank then a resume with another world size, launcher errors.
-Training under DDP: the weights, steps and reports of one process."""
+Training under DDP (plain, tied, AdamW, ascent and mixed steps): the weights, steps and reports
+of one process."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from conftest import tiny_cnn
 from memaudit.cli import main
 from memaudit.data import ImageDataset, write_ids
 from memaudit.dropout import TiedDropout
-from memaudit.engine import RECIPES, fit
+from memaudit.engine import RECIPES, Mixed, fit
 from memaudit.errors import MemauditError
 from memaudit.localize import expected_cost, scan, shard
 from memaudit.models import build_model, load_model, save_model
@@ -254,6 +255,34 @@ def _ascent(data: ImageDataset) -> dict[str, Any]:
     return {"weights": net.state_dict(), "steps": len(steps)}
 
 
+def _mixed(data: ImageDataset) -> dict[str, Any]:
+    """Steps that add 3 other rows at a negative weight to each batch (NegGrad+'s mix)."""
+    torch.manual_seed(0)
+    net, losses, steps = tiny_cnn(), [], [0]
+    others = torch.arange(17, 22)
+
+    def mix(batch: torch.Tensor) -> Mixed:
+        extra = others[(3 * steps[0] + torch.arange(3)) % len(others)]
+        steps[0] += 1
+        weights = torch.cat(
+            [torch.full((len(batch),), 0.9 / len(batch)), torch.full((3,), -0.1 / 3)]
+        )
+        return Mixed(ids=torch.cat([batch, extra]), weights=weights)
+
+    fit(
+        net,
+        data,
+        torch.arange(17),
+        epochs=2,
+        batch_size=8,
+        seed=1,
+        device="cpu",
+        mix=mix,
+        on_epoch=lambda e: losses.append(e.loss),
+    )
+    return {"weights": net.state_dict(), "losses": losses}
+
+
 def _fits(data: ImageDataset) -> dict[str, dict[str, Any]]:
     """The fits compared between one process and two ranks. 17 rows in batches of 8: the last
     batch of one row leaves rank 1 without a share; AdamW with clipping in batches of 5:
@@ -262,6 +291,7 @@ def _fits(data: ImageDataset) -> dict[str, dict[str, Any]]:
         "tied": _tied(data, torch.arange(17), 8, None),
         "adamw": _tied(data, torch.arange(22), 5, RECIPES["transformer"]),
         "ascent": _ascent(data),
+        "mixed": _mixed(data),  # 8 + 3 rows a step: shares of 6 and 5; the last, 1 + 3
     }
 
 
@@ -284,7 +314,7 @@ def test_fit_on_two_ranks_gives_the_single_process_weights(bed: Path) -> None:
         for k, value in one["weights"].items():
             assert torch.equal(ranks[0][name]["weights"][k], ranks[1][name]["weights"][k])
             torch.testing.assert_close(ranks[0][name]["weights"][k], value, rtol=1e-5, atol=1e-6)
-    for name in ("tied", "adamw"):
+    for name in ("tied", "adamw", "mixed"):
         assert ranks[0][name]["losses"] == pytest.approx(single[name]["losses"], rel=1e-5)
     assert 12 < single["ascent"]["steps"] < 40  # stopped, not at the first step
     assert ranks[0]["ascent"]["steps"] == ranks[1]["ascent"]["steps"] == single["ascent"]["steps"]

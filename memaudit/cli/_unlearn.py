@@ -24,6 +24,7 @@ from memaudit.cli._launch import process_group, quiet, rank_device
 from memaudit.cli._options import with_options
 from memaudit.cli._report import command_line
 from memaudit.cli._testbed import progress
+from memaudit.errors import MemauditError
 from memaudit.models import load_model, save_model
 from memaudit.render.html import write_html
 from memaudit.schema import (
@@ -33,7 +34,7 @@ from memaudit.schema import (
     UnlearnScores,
     UnlearnSettings,
 )
-from memaudit.unlearn import UnlearnResult, UnlearnStep
+from memaudit.unlearn import Option, UnlearnResult, UnlearnStep, unlearn_settings
 
 
 def _pct(value: float | None) -> str:
@@ -94,6 +95,34 @@ def unlearn_table(report: UnlearnReport) -> Table:
     return table
 
 
+def parse_options(given: list[str] | None) -> dict[str, Option]:
+    """``--option KEY=VALUE`` pairs to a dict: true / false, integers and numbers are parsed,
+    anything else stays text; a clear error for a pair without ``=``.
+
+    Example:
+        >>> parse_options(["beta=0.99", "tie=all", "steps=3", "fold=false"])
+        {'beta': 0.99, 'tie': 'all', 'steps': 3, 'fold': False}
+    """
+    found: dict[str, Option] = {}
+    for pair in given or []:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise MemauditError(f"--option takes KEY=VALUE (e.g. beta=0.99), got {pair!r}")
+        found[key.strip()] = _value(text.strip())
+    return found
+
+
+def _value(text: str) -> Option:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def with_progress(run: Callable[[Callable[[UnlearnStep], None]], UnlearnResult]) -> UnlearnResult:
     """Call ``run(on_progress)`` with one progress bar per stage (on stderr)."""
     with progress() as bar:
@@ -132,8 +161,20 @@ def unlearn_command(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also write a self-contained HTML page here.")
     ] = None,
+    method_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="A method option KEY=VALUE, repeatable (e.g. --option beta=0.99 for neggrad+; "
+            "each method's options and defaults: memaudit.unlearn.METHODS).",
+        ),
+    ] = None,
 ) -> None:
     """Remove what MODEL memorized about the flagged ids; save a plain model and a report.
+
+    --budget F gives every training method F times the retraining epochs (--retrain-epochs,
+    else the retrain method's), at least 1: methods compared at one cost. --option KEY=VALUE
+    sets a method's own options.
 
     Under ``torchrun --nproc-per-node N -m memaudit unlearn ...`` every training run (the
     unlearning, retraining, membership references) trains under DDP, each global batch of
@@ -141,6 +182,9 @@ def unlearn_command(
     cuda:LOCAL_RANK when there is CUDA); rank 0 prints and writes the model and the report.
     """
     writable(out_model, "--out-model")
+    if method_options:
+        given = parse_options(method_options)
+        unlearning = unlearn_settings(unlearning, options={**unlearning.options, **given})
     for path, option in ((report_path, "--out"), (html, "--html")):
         if path is not None:
             writable(path, option)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from memaudit.schema._base import Report
 from memaudit.schema._inputs import Preflight
@@ -14,14 +14,23 @@ from memaudit.schema._recipe import Recipe
 class UnlearnSettings(BaseModel):
     """How to unlearn (the method and its budget) and what to measure it against.
 
-    ``epochs`` / ``lr`` default to the method's own (``memaudit.unlearn.METHODS``); ``options``
-    are method-specific (example-tied dropout: ``p_gen``, ``p_mem``, ``tie``).
+    ``epochs`` / ``lr`` default to the method's own (``memaudit.unlearn.METHODS``); ``budget``
+    sets every training method's epochs as a share of retraining's instead. ``options`` are
+    method-specific (example-tied dropout: ``p_gen``, ``p_mem``, ``tie``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: str = Field("example-tied-dropout", description="unlearning method")
     epochs: int | None = Field(None, ge=0, description="training epochs (default: the method's)")
+    budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="train for this share of the retraining yardstick's epochs (retrain_epochs, "
+        "else the retrain method's): every training method gets max(1, round(budget x those)) "
+        "epochs, methods that do not train stay at 0; instead of epochs",
+    )
     lr: float | None = Field(None, gt=0, description="learning rate (default: the method's)")
     batch_size: int = Field(128, ge=1, description="training batch size")
     optimizer: Literal["sgd", "adamw"] | None = Field(
@@ -59,6 +68,13 @@ class UnlearnSettings(BaseModel):
         description="train K models without the flagged ids (K >= 2, like retraining) and run "
         "the membership test against them: AUC and TPR at 1% FPR before and after; 0: none",
     )
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_or_epochs(cls, budget: float | None, info: ValidationInfo) -> float | None:
+        if budget is not None and info.data.get("epochs") is not None:
+            raise ValueError("give epochs or budget, not both")
+        return budget
 
     @field_validator("membership_references")
     @classmethod

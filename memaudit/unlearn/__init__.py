@@ -5,10 +5,12 @@ flagged and retained rows, a training budget) and returns the unlearned model; :
 measures the model before and after on the same data and returns an :class:`UnlearnResult`.
 Methods live in a registry (:data:`METHODS`, :func:`register_method`).
 
-Modules: ``_methods`` (the job, the registry and the methods), ``_run`` (:func:`unlearn`, the
-measurement).
+Modules: ``_methods`` (the job, the registry and the methods), ``_baselines`` (the
+literature's baselines: NegGrad+, SalUn, localize-then-reset, SSD), ``_run`` (:func:`unlearn`,
+the measurement).
 """
 
+from memaudit.unlearn import _baselines  # noqa: F401  # registers the baselines
 from memaudit.unlearn._methods import (
     METHODS,
     Option,
@@ -20,6 +22,7 @@ from memaudit.unlearn._methods import (
 from memaudit.unlearn._run import (
     UnlearnResult,
     UnlearnStep,
+    budget_epochs,
     measure,
     mia_auc,
     unlearn,
@@ -33,6 +36,7 @@ __all__ = [
     "UnlearnMethod",
     "UnlearnResult",
     "UnlearnStep",
+    "budget_epochs",
     "fresh_copy",
     "measure",
     "mia_auc",

@@ -173,9 +173,14 @@ def _zero_units(job: UnlearnJob) -> Classifier:
     return job.model.eval()
 
 
-def fresh_copy(model: Classifier) -> Classifier:
+def fresh_copy(model: Classifier, *, seed: int | None = None) -> Classifier:
     """The same architecture and info with newly initialized weights: rebuilt from its family
-    (timm, memaudit) or config (Hugging Face); else a copy whose modules reset their parameters."""
+    (timm, memaudit) or config (Hugging Face); else a copy whose modules reset their parameters.
+    With ``seed``, drawn from it (the caller's random state is left as it was)."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return fresh_copy(model)
     family = model.info.arch.partition(":")[0]
     if family in FAMILIES and family != "hf":
         fresh = build_model(
@@ -201,10 +206,7 @@ def fresh_copy(model: Classifier) -> Classifier:
 def _retrain(job: UnlearnJob) -> Classifier:
     """Train the architecture from scratch on the retained rows (the gold standard; slow). The
     initialization is drawn with the job's seed; the caller's random state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed)
-        fresh = fresh_copy(job.model)
-    return _fit(job, fresh, job.retained)
+    return _fit(job, fresh_copy(job.model, seed=job.seed), job.retained)
 
 
 register_method(

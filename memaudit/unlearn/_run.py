@@ -4,6 +4,7 @@ before and after (and the yardsticks: a retrained model, the membership test) on
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from memaudit.membership import attack, summarize
 from memaudit.models import Classifier
 from memaudit.schema import (
     Membership,
+    Recipe,
     ReferenceCheck,
     UnlearnReport,
     UnlearnScores,
@@ -124,6 +126,26 @@ def _options(method: UnlearnMethod, options: Mapping[str, Option]) -> dict[str, 
     return {**method.options, **given}
 
 
+def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Recipe) -> int:
+    """The epochs ``method`` trains for under ``settings`` and the training ``recipe``:
+    ``epochs`` when given; with ``budget``, ``max(1, round(budget * E))`` for a method that
+    trains (0 stays 0), ``E`` being the retraining yardstick's epochs (``retrain_epochs``, else
+    the recipe's: those the model was trained with when its checkpoint records them); else the
+    method's own (the recipe's for training from scratch). Rounded half up.
+
+    Example:
+        >>> budget_epochs(METHODS["finetune"], UnlearnSettings(budget=0.25), Recipe(family="x"))
+        8
+    """
+    if settings.epochs is not None:
+        return settings.epochs
+    own = recipe.epochs if method.from_scratch else method.epochs
+    if settings.budget is None or own == 0:
+        return own
+    yardstick = settings.retrain_epochs or recipe.epochs
+    return max(1, math.floor(settings.budget * yardstick + 0.5))
+
+
 def unlearn_settings(base: UnlearnSettings | None = None, **overrides: Any) -> UnlearnSettings:
     """``base`` (or the defaults) with ``overrides``, validated; one-line errors."""
     values = {**(base or UnlearnSettings()).model_dump(), **overrides}
@@ -149,9 +171,10 @@ def unlearn(
     ``model`` is left unchanged; the result holds a new plain model. ``settings`` (an
     :class:`~memaudit.schema.UnlearnSettings`, whose fields may also be given as keywords:
     ``method``, ``epochs``, ``lr``, ``options``, ``seed``, ...) say how: ``epochs`` / ``lr``
-    default to the method's own (see :data:`METHODS`). With ``compare_retrain`` a model is also
-    retrained from scratch without the flagged rows and measured (the report's ``retrain``
-    block). ``preflight``: the check of ``model`` on this data
+    default to the method's own (see :data:`METHODS`); ``budget`` gives every training method
+    that share of retraining's epochs instead (:func:`budget_epochs`). With
+    ``compare_retrain`` a model is also retrained from scratch without the flagged rows and
+    measured (the report's ``retrain`` block). ``preflight``: the check of ``model`` on this data
     (:func:`memaudit.preflight.preflight`, which ``Auditor.unlearn`` and the CLI run first),
     recorded in the report. With ``membership_references`` (K >= 2), K models are trained from
     scratch without the flagged rows (the retraining recipe, other seeds) and the membership
@@ -222,7 +245,7 @@ def unlearn(
 
     step("measure", 0, 2)
     before = measure(model, train_set, rows, retained, test=test, device=dev)
-    n_epochs = chosen.epochs if cfg.epochs is None else cfg.epochs
+    n_epochs = budget_epochs(chosen, cfg, recipe)
     unlearned, seconds = run(chosen, n_epochs, "unlearn")
     step("measure", 1, 2)
     after = measure(unlearned, train_set, rows, retained, test=test, device=dev)
@@ -271,6 +294,7 @@ def unlearn(
             "optimizer": recipe.optimizer,
             "batch_size": batch_size,
             "seed": seed,
+            **({"budget": cfg.budget} if cfg.budget is not None else {}),
             **opts,
         },
         before=before,
