@@ -239,7 +239,7 @@ def test_each_family_trains_with_its_recipe(hf_dirs: dict[str, Path]) -> None:
     cnn, vit = RECIPES["batchnorm-cnn"], RECIPES["transformer"]
     assert (cnn.optimizer, cnn.schedule, cnn.lr) == ("sgd", "one-cycle", 0.05)  # as measured
     assert (vit.optimizer, vit.schedule) == ("adamw", "cosine") and vit.warmup > 0
-    assert vit.finetune_lr_scale < 1 and vit.clip_grad_norm is not None
+    assert vit.finetune_lr_scale == 1 and vit.clip_grad_norm is not None  # the recipe's rate
     mine = recipe_for(cases["transformer"][0], lr=3e-4, warmup=None)
     assert mine.lr == 3e-4 and mine.warmup == vit.warmup  # None keeps the recipe's value
     with pytest.raises(MemauditError, match="invalid training setting"):

@@ -225,3 +225,24 @@ def test_fresh_copy_of_a_hugging_face_model_draws_every_weight_anew(
     changed = {k for k in old if old[k].is_floating_point() and not torch.equal(old[k], new[k])}
     assert {k for k in old if "embeddings" in k and "patch" not in k} <= changed
     assert {k for k in old if k.endswith("weight") and old[k].dim() > 1} <= changed
+
+
+def test_example_tied_dropout_takes_its_family_defaults(hf_dirs: dict[str, Path]) -> None:
+    """Transformers get ETD after every layer with their own p_gen and epochs (measured, see
+    the method's docstring); given options and epochs still win; layers=mlp is the other
+    placement."""
+    etd = METHODS["example-tied-dropout"]
+    assert etd.defaults("batchnorm-cnn") == (3, dict(etd.options))
+    epochs, options = etd.defaults("transformer")
+    assert epochs == 8 and options["p_gen"] == 0.7 and options["layers"] == "every"
+    model = load_model(hf_dirs["vit"])
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    train = ImageDataset(images, torch.randint(0, 4, (16,), generator=gen))
+    report = unlearn(model, train, [1, 4], batch_size=8, budget=0.1, device="cpu").report
+    assert report.settings["p_gen"] == 0.7 and report.settings["recipe"] == "transformer"
+    assert report.settings["epochs"] == 3  # the budget: a tenth of the recipe's 30
+    mlp = unlearn(model, train, [1, 4], epochs=1, options={"layers": "mlp", "p_gen": 0.5})
+    assert mlp.report.settings["layers"] == "mlp" and mlp.report.settings["p_gen"] == 0.5
+    with pytest.raises(MemauditError, match="option layers must be 'every' or 'mlp'"):
+        unlearn(model, train, [1, 4], epochs=1, options={"layers": "attention"})

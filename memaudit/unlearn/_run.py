@@ -116,14 +116,17 @@ def _method(name: str) -> UnlearnMethod:
     return METHODS[name]
 
 
-def _options(method: UnlearnMethod, options: Mapping[str, Option]) -> dict[str, Option]:
+def _options(
+    method: UnlearnMethod, options: Mapping[str, Option], family: str
+) -> dict[str, Option]:
     given = dict(options)
-    unknown = sorted(set(given) - set(method.options))
+    defaults = method.defaults(family)[1]
+    unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise MemauditError(
-            f"unknown option(s) {unknown} for this method; it takes {sorted(method.options)}"
+            f"unknown option(s) {unknown} for this method; it takes {sorted(defaults)}"
         )
-    return {**method.options, **given}
+    return {**defaults, **given}
 
 
 def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Recipe) -> int:
@@ -131,7 +134,8 @@ def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Reci
     ``epochs`` when given; with ``budget``, ``max(1, round(budget * E))`` for a method that
     trains (0 stays 0), ``E`` being the retraining yardstick's epochs (``retrain_epochs``, else
     the recipe's: those the model was trained with when its checkpoint records them); else the
-    method's own (the recipe's for training from scratch). Rounded half up.
+    method's own for the recipe's family (the recipe's for training from scratch). Rounded
+    half up.
 
     Example:
         >>> budget_epochs(METHODS["finetune"], UnlearnSettings(budget=0.25), Recipe(family="x"))
@@ -139,7 +143,7 @@ def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Reci
     """
     if settings.epochs is not None:
         return settings.epochs
-    own = recipe.epochs if method.from_scratch else method.epochs
+    own = recipe.epochs if method.from_scratch else method.defaults(recipe.family)[0]
     if settings.budget is None or own == 0:
         return own
     yardstick = settings.retrain_epochs or recipe.epochs
@@ -192,7 +196,6 @@ def unlearn(
     cfg = unlearn_settings(settings, **overrides)
     method, seed, batch_size, lr = cfg.method, cfg.seed, cfg.batch_size, cfg.lr
     chosen = _method(method)
-    opts = _options(chosen, cfg.options)
     given = retrained
     for reference in (given, *references):
         if reference is not None:
@@ -214,6 +217,7 @@ def unlearn(
     recipe = recipe_for(
         model, optimizer=cfg.optimizer, warmup=cfg.warmup, weight_decay=cfg.weight_decay
     )
+    opts = _options(chosen, cfg.options, recipe.family)
 
     def step(stage: str, k: int, total: int, loss: float | None = None) -> None:
         if on_progress is not None:
@@ -233,7 +237,7 @@ def unlearn(
             seed=job_seed,
             device=dev,
             recipe=recipe,
-            options=opts if how is chosen else how.options,
+            options=opts if how is chosen else how.defaults(recipe.family)[1],
             on_epoch=lambda e: step(stage, e.epoch, e.epochs, e.loss),
         )
         start = time.perf_counter()
