@@ -107,9 +107,15 @@ def family_of(model: nn.Module) -> str:
 def recipe_for(model: nn.Module, **overrides: object) -> Recipe:
     """The recipe the model was trained with when its info records one (memaudit trained it),
     else its family's (:data:`RECIPES`), with ``overrides`` that are not None (e.g. ``lr``,
-    ``optimizer``, ``warmup``, ``weight_decay``)."""
+    ``optimizer``, ``warmup``, ``weight_decay``). The fine-tuning share of the rate is always
+    the family's: it is how memaudit unlearns, not how the model was trained."""
+    family = RECIPES[family_of(model)]
     recorded = getattr(getattr(model, "info", None), "recipe", None)
-    base = recorded if isinstance(recorded, Recipe) else RECIPES[family_of(model)]
+    base = (
+        recorded.model_copy(update={"finetune_lr_scale": family.finetune_lr_scale})
+        if isinstance(recorded, Recipe)
+        else family
+    )
     given = {k: v for k, v in overrides.items() if v is not None}
     return validated(Recipe, {**base.model_dump(), **given}, "training setting")
 

@@ -121,6 +121,8 @@ def test_a_testbed_model_records_its_recipe_and_retraining_follows_it(tiny_testb
     assert model.info.recipe == result.recipe == recipe_for(model)
     assert recipe_for(model, lr=0.2).lr == 0.2  # overrides still apply on top
     assert recipe_for(build_model("memaudit:resnet9", num_classes=3)).epochs == 30  # unrecorded
+    model.info.recipe = result.recipe.model_copy(update={"finetune_lr_scale": 0.1, "lr": 0.2})
+    assert recipe_for(model).lr == 0.2 and recipe_for(model).finetune_lr_scale == 1.0  # ours
 
 
 def test_testbed_on_a_dataset_from_disk(tmp_path: Path) -> None:
