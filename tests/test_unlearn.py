@@ -234,7 +234,7 @@ def test_example_tied_dropout_takes_its_family_defaults(hf_dirs: dict[str, Path]
     etd = METHODS["example-tied-dropout"]
     assert etd.defaults("batchnorm-cnn") == (3, dict(etd.options))
     epochs, options = etd.defaults("transformer")
-    assert epochs == 8 and options["p_gen"] == 0.7 and options["layers"] == "every"
+    assert epochs == 16 and options["p_gen"] == 0.7 and options["layers"] == "every"
     model = load_model(hf_dirs["vit"])
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=gen, dtype=torch.uint8)
