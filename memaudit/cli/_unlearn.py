@@ -173,7 +173,7 @@ def unlearn_command(
     """Remove what MODEL memorized about the flagged ids; save a plain model and a report.
 
     --budget F gives every training method F times the retraining epochs (--retrain-epochs,
-    else the retrain method's), at least 1: methods compared at one cost. --option KEY=VALUE
+    else the recipe's), at least 1: methods compared at one cost. --option KEY=VALUE
     sets a method's own options.
 
     Under ``torchrun --nproc-per-node N -m memaudit unlearn ...`` every training run (the

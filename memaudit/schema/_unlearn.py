@@ -28,7 +28,7 @@ class UnlearnSettings(BaseModel):
         gt=0,
         le=1,
         description="train for this share of the retraining yardstick's epochs (retrain_epochs, "
-        "else the retrain method's): every training method gets max(1, round(budget x those)) "
+        "else the recipe's): every training method gets max(1, round(budget x those)) "
         "epochs, methods that do not train stay at 0; instead of epochs",
     )
     lr: float | None = Field(None, gt=0, description="learning rate (default: the method's)")

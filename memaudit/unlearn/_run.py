@@ -134,7 +134,7 @@ def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Reci
     ``epochs`` when given; with ``budget``, ``max(1, round(budget * E))`` for a method that
     trains (0 stays 0), ``E`` being the retraining yardstick's epochs (``retrain_epochs``, else
     the recipe's: those the model was trained with when its checkpoint records them); else the
-    method's own for the recipe's family (the recipe's for training from scratch). Rounded
+    method's own for the recipe's family (``E`` for training from scratch). Rounded
     half up.
 
     Example:
@@ -143,10 +143,10 @@ def budget_epochs(method: UnlearnMethod, settings: UnlearnSettings, recipe: Reci
     """
     if settings.epochs is not None:
         return settings.epochs
-    own = recipe.epochs if method.from_scratch else method.defaults(recipe.family)[0]
+    yardstick = settings.retrain_epochs or recipe.epochs
+    own = yardstick if method.from_scratch else method.defaults(recipe.family)[0]
     if settings.budget is None or own == 0:
         return own
-    yardstick = settings.retrain_epochs or recipe.epochs
     return max(1, math.floor(settings.budget * yardstick + 0.5))
 
 
