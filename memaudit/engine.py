@@ -31,10 +31,13 @@ LossHook = Callable[[torch.Tensor, torch.Tensor], None]  # (ids, per-example los
 @dataclass(frozen=True)
 class Mixed:
     """The rows a training step runs on and each one's loss weight: the step descends
-    ``sum(weights * losses)`` (a plain step: the batch's rows, each at ``1 / len``)."""
+    ``sum(weights * losses)`` (a plain step: the batch's rows, each at ``1 / len``).
+    ``targets``: class probabilities ``[len(ids), K]`` each row's cross-entropy is taken
+    against instead of its label (a label is a one-hot row); ``None``: the labels."""
 
     ids: torch.Tensor
     weights: torch.Tensor
+    targets: torch.Tensor | None = None
 
 
 BatchMix = Callable[[torch.Tensor], Mixed]  # the epoch's batch of rows -> the step's rows
@@ -187,11 +190,14 @@ def _step_loss(
     return losses.sum() * weight, float(total) / max(1, n)
 
 
-def _share_mixed(mixed: Mixed, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of a mixed global step and their weights (as :func:`_share`: a rank
-    left without rows runs them all at weight 0)."""
-    ids, weights = mixed.ids[rank::world], mixed.weights[rank::world]
-    return (ids, weights) if len(ids) else (mixed.ids, torch.zeros_like(mixed.weights))
+def _share_mixed(mixed: Mixed, rank: int, world: int) -> Mixed:
+    """This rank's rows of a mixed global step, with their weights and targets (as
+    :func:`_share`: a rank left without rows runs them all at weight 0)."""
+    if rank >= len(mixed.ids):
+        return Mixed(mixed.ids, torch.zeros_like(mixed.weights), mixed.targets)
+    part = slice(rank, None, world)
+    targets = None if mixed.targets is None else mixed.targets[part]
+    return Mixed(mixed.ids[part], mixed.weights[part], targets)
 
 
 def _mixed_loss(
@@ -245,9 +251,10 @@ def fit(
     runs in (example-tied dropout applies the batch's masks in it); ``on_loss(ids, losses)``
     with per-example losses still on the graph (the gradient probe); ``on_epoch(EpochEnd)``
     after each epoch. ``mix(batch)``: the rows and per-example loss weights (a :class:`Mixed`)
-    each step trains on instead of the batch at ``1 / len`` each; the step descends the
-    weighted sum, which is also the loss ``stop_loss`` and the epoch losses see (NegGrad+
-    adds forget rows at a negative weight).
+    each step trains on instead of the batch at ``1 / len`` each, and optionally their soft
+    targets; the step descends the weighted sum, which is also the loss ``stop_loss`` and the
+    epoch losses see (NegGrad+ adds forget rows at a negative weight; example-tied dropout's
+    distillation, rows fit to a teacher's probabilities).
 
     Under an initialized process group of several processes (``torchrun``) the model trains
     under DDP: every rank draws the same order and global batches of ``batch_size`` and
@@ -295,19 +302,18 @@ def fit(
         total, seen = 0.0, 0
         for batch in order.split(batch_size):
             weights: torch.Tensor | None = None
+            targets: torch.Tensor | None = None
             if mix is None:
                 ids, weight = (batch, 1.0) if world == 1 else _share(batch, rank, world)
             else:
-                mixed = mix(batch)
-                ids, weights = (
-                    (mixed.ids, mixed.weights) if world == 1 else _share_mixed(mixed, rank, world)
-                )
+                mixed = mix(batch) if world == 1 else _share_mixed(mix(batch), rank, world)
+                ids, weights, targets = mixed.ids, mixed.weights, mixed.targets
             if on_batch is not None:
                 on_batch(ids)
             with around_batch(ids) if around_batch is not None else nullcontext():
-                losses = F.cross_entropy(
-                    net(data.batch(ids, dev)), labels[ids.to(dev)], reduction="none"
-                )
+                logits = net(data.batch(ids, dev))
+                target = labels[ids.to(dev)] if targets is None else targets.to(dev, logits.dtype)
+                losses = F.cross_entropy(logits, target, reduction="none")
                 if on_loss is not None:
                     on_loss(ids, losses)
                 if weights is None:

@@ -64,8 +64,9 @@ def test_every_method_returns_the_same_result(
     train, test = data
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    epochs = 2 if method == "example-tied-dropout" else 1  # a teacher epoch, a student epoch
     result = unlearn(
-        model, train, FLAGGED, test=test, method=method, epochs=1, batch_size=8, device="cpu"
+        model, train, FLAGGED, test=test, method=method, epochs=epochs, batch_size=8, device="cpu"
     )
     assert isinstance(result, UnlearnResult) and isinstance(result.model, Classifier)
     report = result.report
@@ -83,7 +84,7 @@ def test_etd_output_reloads_without_flags(
     tmp_path: Path, data: tuple[ImageDataset, ImageDataset]
 ) -> None:
     train, test = data
-    result = unlearn(tiny_model(), train, FLAGGED, test=test, epochs=1, batch_size=8, device="cpu")
+    result = unlearn(tiny_model(), train, FLAGGED, test=test, epochs=2, batch_size=8, device="cpu")
     path = save_model(result.model, tmp_path / "unlearned.safetensors")
     again = load_model(path)
     x = train.batch(torch.arange(5))
@@ -232,9 +233,11 @@ def test_example_tied_dropout_takes_its_family_defaults(hf_dirs: dict[str, Path]
     the method's docstring); given options and epochs still win; layers=mlp is the other
     placement."""
     etd = METHODS["example-tied-dropout"]
-    assert etd.defaults("batchnorm-cnn") == (3, dict(etd.options))
+    assert etd.defaults("batchnorm-cnn") == (5, dict(etd.options))
+    assert etd.options["distil"] is True
     epochs, options = etd.defaults("transformer")
     assert epochs == 16 and options["p_gen"] == 0.7 and options["layers"] == "every"
+    assert options["distil"] is False  # the teacher-student steps are not measured there
     model = load_model(hf_dirs["vit"])
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 16, 16), generator=gen, dtype=torch.uint8)

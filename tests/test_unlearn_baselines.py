@@ -19,6 +19,7 @@ from memaudit.data import ImageDataset, complement, write_ids
 from memaudit.engine import Mixed, accuracy, fit
 from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
+from memaudit.membership import margins
 from memaudit.models import (
     Classifier,
     DataRef,
@@ -89,6 +90,90 @@ def test_each_baseline_forgets_the_memorized_rows(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     if method != "ssd":  # SSD's dampening costs a model this small its retained rows
         assert report.after.retained_accuracy >= 0.9
+
+
+def test_example_tied_dropout_forgets_the_memorized_rows_and_keeps_the_retained(
+    memorized: tuple[Classifier, ImageDataset],
+) -> None:
+    model, train = memorized
+    result = unlearn(model, train, FLAGGED, batch_size=16, epochs=4, device="cpu")
+    assert result.report.method == "example-tied-dropout"
+    assert result.report.after.flagged_accuracy <= 0.125  # 1 of 8 at most
+    assert result.report.after.retained_accuracy == 1.0
+    assert list(result.model.state_dict()) == list(model.state_dict())  # a plain model
+    # step 3: the retained rows' median margin is the model's before
+    retained = complement(len(train), torch.tensor(FLAGGED))
+    after = margins(result.model, train, retained, device="cpu").median()
+    assert float(after) == pytest.approx(
+        float(margins(model, train, retained, device="cpu").median()), rel=1e-4
+    )
+
+
+def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
+    memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The student's steps: the retained batch at its labels, plus forget_batch flagged rows
+    at forget_weight, fit to the teacher's probabilities (which give the given label little)."""
+    from memaudit.unlearn import _methods
+
+    model, train = memorized
+    steps: list[Mixed] = []
+    real = _methods._fit
+
+    def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
+        if "mix" in kw:
+            mix = kw["mix"]
+            assert callable(mix)
+            kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
+        return real(job, net, rows, **kw)  # type: ignore[arg-type]  # the spy passes them on
+
+    monkeypatch.setattr(_methods, "_fit", spy)
+    options = {"forget_batch": 4, "forget_weight": 0.5}
+    unlearn(model, train, FLAGGED, epochs=4, batch_size=16, options=options, device="cpu")
+    assert len(steps) == 2 * math.ceil(56 / 16)  # 2 teacher epochs, then 2 student epochs
+    flagged_labels = []
+    for step in steps:
+        assert step.targets is not None
+        flagged = torch.isin(step.ids, torch.tensor(FLAGGED))
+        assert int(flagged.sum()) == 4 and not flagged[:-4].any()  # appended to the batch
+        assert step.weights[flagged].sum() == pytest.approx(0.5)
+        assert step.weights[~flagged].sum() == pytest.approx(1.0)
+        own = F.one_hot(train.labels[step.ids[~flagged]], 3).float()
+        assert torch.equal(step.targets[~flagged], own)
+        torch.testing.assert_close(step.targets[flagged].sum(1), torch.ones(4))
+        flagged_labels.append(
+            step.targets[flagged].gather(1, train.labels[step.ids[flagged]][:, None])
+        )
+    assert float(torch.cat(flagged_labels).mean()) < 0.5  # the teacher does not remember them
+
+
+def test_example_tied_dropout_needs_two_epochs_unless_told_not_to_distil(
+    memorized: tuple[Classifier, ImageDataset],
+) -> None:
+    model, train = memorized
+    with pytest.raises(MemauditError, match="needs at least 2 epochs"):
+        unlearn(model, train, FLAGGED, epochs=1, device="cpu")
+    plain = unlearn(model, train, FLAGGED, epochs=1, options={"distil": False}, device="cpu")
+    assert plain.report.settings["distil"] is False
+
+
+def test_a_mix_with_one_hot_targets_is_a_plain_step() -> None:
+    train = _striped()
+    runs = []
+    for mix in (
+        None,
+        lambda b: Mixed(
+            ids=b,
+            weights=torch.full((len(b),), 1 / len(b)),
+            targets=F.one_hot(train.labels[b], 3).float(),
+        ),
+    ):
+        torch.manual_seed(0)
+        net = tiny_cnn()
+        fit(net, train, epochs=2, batch_size=16, mix=mix)
+        runs.append(net.state_dict())
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[1][k], v, rtol=1e-5, atol=1e-6)
 
 
 def test_localize_reset_removes_what_finetuning_alone_keeps(

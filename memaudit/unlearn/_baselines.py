@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +22,14 @@ from memaudit.errors import MemauditError
 from memaudit.localize import flip_units
 from memaudit.models import Classifier
 from memaudit.units import reset_unit_weights
-from memaudit.unlearn._methods import UnlearnJob, UnlearnMethod, _fit, fresh_copy, register_method
-
-
-def _cycled(rows: torch.Tensor, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """Batches of ``size`` of ``rows`` without end, each pass in a new seeded order."""
-    while True:
-        yield from rows[torch.randperm(len(rows), generator=gen)].split(size)
+from memaudit.unlearn._methods import (
+    UnlearnJob,
+    UnlearnMethod,
+    _fit,
+    cycled,
+    fresh_copy,
+    register_method,
+)
 
 
 def _neggrad_plus(job: UnlearnJob) -> Classifier:
@@ -50,7 +51,7 @@ def _neggrad_plus(job: UnlearnJob) -> Classifier:
     if not 0 < beta < 1:
         raise MemauditError(f"option beta must be in (0, 1), got {beta}")
     size = min(job.batch_size, len(job.flagged))
-    forget = _cycled(job.flagged, size, torch.Generator().manual_seed(job.seed))
+    forget = cycled(job.flagged, size, torch.Generator().manual_seed(job.seed))
 
     def mix(batch: torch.Tensor) -> Mixed:
         f = next(forget)
