@@ -19,8 +19,10 @@ results are written after every (kind, seed), and ``--resume`` continues an inte
 family's recipe, in ``--cache``) and unlearns its mislabeled ids there.
 
 ``--overhead-only`` measures example-tied dropout's training-step time with and without it, and
-its memory for 1M example ids. Prints tables (mean ± sd over seeds; ``--markdown`` for the
-README) and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothing.
+its memory for 1M example ids. ``--timing`` times retraining and each method one after the
+other in one process, on the first ``--forget`` kind (the runs' seconds come from whatever else
+shared the CPU; this is the figure to compare, with nothing else running). Prints tables
+(mean ± sd over seeds; ``--markdown`` for the README) and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -297,6 +299,37 @@ def run_one(
     return rows
 
 
+def time_methods(tb: Path, kind: str, methods: list[str], budget: float | None) -> dict[str, float]:
+    """Wall seconds of retraining and of each method on ``kind``'s seed-0 ids, one after the
+    other in this process (no membership test, no yardstick: only the method's own work)."""
+    model = load_model(tb / "model.safetensors")
+    train = load_dataset(tb / "data.npz", split="train", model=model)
+    ids = forget_ids(tb, kind, 0, train)
+    seconds = {}
+    for method in ["retrain", *methods]:
+        console.print(f"  timing {escape(method)} ...")
+        start = time.perf_counter()
+        unlearn(
+            model,
+            train,
+            ids,
+            method=method,
+            budget=None if method == "retrain" else budget,
+            device="cpu",
+        )
+        seconds[method] = time.perf_counter() - start
+    return seconds
+
+
+def print_timing(seconds: dict[str, float]) -> None:
+    table = Table(title="wall time, one process, one after the other")
+    for column in ("method", "seconds", "share of retraining"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, value in seconds.items():
+        table.add_row(escape(method), f"{value:.1f}", f"{100 * value / seconds['retrain']:.1f}%")
+    console.print(table)
+
+
 def _mean_sd(values: list[float | None]) -> tuple[float, float] | None:
     xs = [v for v in values if v is not None and not math.isnan(v)]
     if not xs:
@@ -379,6 +412,12 @@ def main() -> None:
         action="store_true",
         help="only the ETD overhead (step time, memory), into the etd_overhead of --out",
     )
+    parser.add_argument(
+        "--timing",
+        action="store_true",
+        help="only time retraining and each method on the first --forget kind, one after the "
+        "other in this process (run it alone), into the timing of --out",
+    )
     parser.add_argument("--out", help="default: benchmarks/results/unlearn[_archs].json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -399,6 +438,14 @@ def main() -> None:
         return
     forget = args.forget or ("mislabeled" if archs else "all")
     kinds = KINDS if forget == "all" else tuple(forget.split(","))
+    methods = [m for m in args.methods.split(",") if m]
+    if args.timing:
+        seconds = time_methods(Path(args.testbed), kinds[0], methods, args.budget)
+        print_timing(seconds)
+        timing = {"kind": kinds[0], "budget": args.budget, "threads": args.threads, **seconds}
+        out.write_text(json.dumps({**saved, "timing": timing}, indent=2))
+        console.print(f"updated timing in {out}")
+        return
     # (label, testbed, kind, cache of its yardsticks): one per kind, or per architecture and kind
     settings = [
         (f"{a} {kind}", arch_testbed(a, cache, args.arch_epochs), kind, cache / a.replace(":", "-"))
@@ -406,7 +453,6 @@ def main() -> None:
         for kind in kinds
     ] or [(kind, Path(args.testbed), kind, cache) for kind in kinds]
     references = 0 if archs and args.references is None else args.references
-    methods = [m for m in args.methods.split(",") if m]
     runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if args.resume else {}
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     for label, tb, kind, where in settings:
@@ -421,7 +467,7 @@ def main() -> None:
             out.write_text(  # after every run: an interrupted benchmark resumes from here
                 json.dumps(
                     {
-                        **{k: v for k, v in saved.items() if k == "etd_overhead"},
+                        **{k: v for k, v in saved.items() if k in ("etd_overhead", "timing")},
                         "testbeds": {label: str(tb) for label, tb, _, _ in settings},
                         "methods": methods,
                         "budget": args.budget,
