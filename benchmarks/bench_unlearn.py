@@ -22,7 +22,8 @@ family's recipe, in ``--cache``) and unlearns its mislabeled ids there.
 its memory for 1M example ids. ``--timing`` times retraining and each method one after the
 other in one process, on the first ``--forget`` kind (the runs' seconds come from whatever else
 shared the CPU; this is the figure to compare, with nothing else running). Prints tables
-(mean ± sd over seeds; ``--markdown`` for the README) and writes ``benchmarks/results/unlearn.json``. Measures; asserts nothing.
+(mean ± sd over seeds; ``--markdown`` for the README) and writes
+``benchmarks/results/unlearn.json``. Measures; asserts nothing.
 """
 
 from __future__ import annotations
