@@ -47,6 +47,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memaudit import load_dataset, load_model, read_ids, save_model
+from memaudit.cli._unlearn import parse_options
 from memaudit.dropout import TiedDropout
 from memaudit.masks import traced
 from memaudit.models import Classifier
@@ -262,6 +263,13 @@ def figures(report: UnlearnReport, which: str) -> dict[str, float | None]:
     }
 
 
+def method_spec(entry: str) -> tuple[str, dict[str, Any]]:
+    """A ``--methods`` entry, ``NAME`` or ``NAME:KEY=VALUE:...``, as the method and its options
+    (e.g. ``example-tied-dropout:hold_weight=0``; the entry is its row's label)."""
+    name, *pairs = entry.split(":")
+    return name, parse_options(pairs)
+
+
 def run_one(
     tb: Path,
     kind: str,
@@ -281,12 +289,14 @@ def run_one(
     rows: dict[str, dict[str, float | None]] = {}
     for method in methods:
         console.print(f"  {escape(method)} ...")
+        name, options = method_spec(method)
         result = unlearn(
             model,
             train,
             ids,
             test=test,
-            method=method,
+            method=name,
+            options=options,
             retrained=retrained,
             references=refs,
             seed=seed,
@@ -309,12 +319,14 @@ def time_methods(tb: Path, kind: str, methods: list[str], budget: float | None) 
     seconds = {}
     for method in ["retrain", *methods]:
         console.print(f"  timing {escape(method)} ...")
+        name, options = method_spec(method)
         start = time.perf_counter()
         unlearn(
             model,
             train,
             ids,
-            method=method,
+            method=name,
+            options=options,
             budget=None if method == "retrain" else budget,
             device="cpu",
         )
@@ -396,7 +408,11 @@ def main() -> None:
     parser.add_argument("--forget", help=f"a kind ({', '.join(KINDS)}) or 'all' (the default)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed-list", help="run only these seeds (comma-separated), e.g. 2")
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "retrain"))
+    parser.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if m != "retrain"),
+        help="comma-separated; NAME:KEY=VALUE:... runs a method with those options",
+    )
     parser.add_argument(
         "--references", type=int, help="membership references (default: enough for TPR@1%%FPR)"
     )

@@ -128,7 +128,7 @@ def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
         return real(job, net, rows, **kw)  # type: ignore[arg-type]  # the spy passes them on
 
     monkeypatch.setattr(_methods, "_fit", spy)
-    options = {"forget_batch": 4, "forget_weight": 0.5}
+    options = {"forget_batch": 4, "forget_weight": 0.5, "hold_weight": 0.0}
     unlearn(model, train, FLAGGED, epochs=4, batch_size=16, options=options, device="cpu")
     assert len(steps) == 2 * math.ceil(56 / 16)  # 2 teacher epochs, then 2 student epochs
     flagged_labels = []
@@ -145,6 +145,51 @@ def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
             step.targets[flagged].gather(1, train.labels[step.ids[flagged]][:, None])
         )
     assert float(torch.cat(flagged_labels).mean()) < 0.5  # the teacher does not remember them
+
+
+def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
+    memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each student step also fits hold_batch of the retained rows the teacher gets wrong
+    (cycled) to their labels, at hold_weight in all: what the model memorized of them stays."""
+    from memaudit.unlearn import _methods
+
+    model, train = memorized
+    missed: list[torch.Tensor] = []
+    real_missed, real_fit = _methods._missed, _methods._fit
+    steps: list[Mixed] = []
+
+    def spy_missed(*args: object) -> torch.Tensor:
+        rows = real_missed(*args)  # type: ignore[arg-type]  # the spy passes them on
+        missed.append(rows)
+        return rows
+
+    def spy_fit(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
+        if "mix" in kw:
+            mix = kw["mix"]
+            assert callable(mix)
+            kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
+        return real_fit(job, net, rows, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_methods, "_missed", spy_missed)
+    monkeypatch.setattr(_methods, "_fit", spy_fit)
+    # a teacher of a single epoch at p_gen=0.2 misses some retained rows of this tiny model
+    options = {
+        "forget_batch": 2,
+        "hold_batch": 2,
+        "hold_weight": 0.25,
+        "p_gen": 0.2,
+        "teacher_share": 0.34,
+    }
+    unlearn(model, train, FLAGGED, epochs=3, batch_size=16, options=options, device="cpu")
+    (risky,) = missed
+    assert len(risky) > 0 and not torch.isin(risky, torch.tensor(FLAGGED)).any()
+    n = min(2, len(risky))
+    for step in steps:
+        held = step.ids[-2 - n : -2]  # batch, then the held rows, then 2 flagged
+        assert torch.isin(held, risky).all()
+        assert step.weights[-2 - n : -2].sum() == pytest.approx(0.25)
+        assert torch.equal(step.targets[-2 - n : -2], F.one_hot(train.labels[held], 3).float())
 
 
 def test_example_tied_dropout_needs_two_epochs_unless_told_not_to_distil(
