@@ -278,7 +278,10 @@ def run_one(
     cache: Path,
     references: int | None,
     budget: float | None = None,
+    method_seed: int | None = None,
 ) -> dict[str, dict[str, float | None]]:
+    """Each of ``methods`` on ``kind``'s ids of ``seed`` against their yardstick; the methods
+    are seeded with ``method_seed`` (default: ``seed``)."""
     model = load_model(tb / "model.safetensors")
     train = load_dataset(tb / "data.npz", split="train", model=model)
     test = load_dataset(tb / "data.npz", split="test", model=model)
@@ -299,7 +302,7 @@ def run_one(
             options=options,
             retrained=retrained,
             references=refs,
-            seed=seed,
+            seed=seed if method_seed is None else method_seed,
             budget=budget,
             device="cpu",
         )

@@ -11,7 +11,8 @@ method's own, and two variants of a method are compared on the same draws.
         --methods example-tied-dropout,example-tied-dropout:hold_weight=0
 
 Prints a table per kind (mean ± sd over the method seeds) and writes
-``benchmarks/results/unlearn_seeds.json`` after every run; ``--resume`` keeps the runs there.
+``benchmarks/results/unlearn_seeds.json`` after every method seed; ``--resume`` keeps the runs
+there.
 Measures; asserts nothing.
 """
 
@@ -27,64 +28,10 @@ from typing import Any
 import torch
 from bench_unlearn import (  # beside this file, on the path of a script run
     console,
-    figures,
-    forget_ids,
-    method_spec,
     print_tables,
+    run_one,
     summarize_runs,
-    yardstick,
 )
-
-from memaudit import load_dataset, load_model
-from memaudit.unlearn import unlearn
-
-
-def run_kind(
-    tb: Path,
-    kind: str,
-    seed: int,
-    entries: list[str],
-    method_seeds: list[int],
-    cache: Path,
-    budget: float | None,
-    done: dict[str, Any],
-    save: Any,
-) -> None:
-    """Each method entry at each method seed on ``kind``'s ids of ``seed``; ``done[str(ms)]``
-    collects the rows (original model, retrain, each entry) and ``save()`` runs after each."""
-    model = load_model(tb / "model.safetensors")
-    train = load_dataset(tb / "data.npz", split="train", model=model)
-    test = load_dataset(tb / "data.npz", split="test", model=model)
-    ids = forget_ids(tb, kind, seed, train)
-    retrained, refs, retrain_seconds = yardstick(
-        model, train, test, ids, seed=seed, cache=cache, kind=kind, references=None
-    )
-    for ms in method_seeds:
-        rows = done.setdefault(str(ms), {})
-        for entry in entries:
-            if entry in rows:
-                continue
-            console.print(f"  {kind}, method seed {ms}: {entry} ...")
-            name, options = method_spec(entry)
-            result = unlearn(
-                model,
-                train,
-                ids,
-                test=test,
-                method=name,
-                options=options,
-                retrained=retrained,
-                references=refs,
-                seed=ms,
-                budget=budget,
-                device="cpu",
-            )
-            rows.setdefault("original model", figures(result.report, "before"))
-            rows.setdefault(
-                "retrain", {**figures(result.report, "retrain"), "seconds": retrain_seconds}
-            )
-            rows[entry] = figures(result.report, "after")
-            save()
 
 
 def main() -> None:
@@ -131,17 +78,22 @@ def main() -> None:
 
     for kind in [k for k in args.forget.split(",") if k]:
         console.print(f"{kind}, ids and yardstick of seed {args.seed}:")
-        run_kind(
-            Path(args.testbed),
-            kind,
-            args.seed,
-            entries,
-            method_seeds,
-            Path(args.cache),
-            args.budget,
-            runs.setdefault(kind, {}),
-            save,
-        )
+        done = runs.setdefault(kind, {})
+        for ms in method_seeds:
+            if str(ms) in done:
+                continue
+            console.print(f" method seed {ms}:")
+            done[str(ms)] = run_one(
+                Path(args.testbed),
+                kind,
+                args.seed,
+                entries,
+                Path(args.cache),
+                None,
+                args.budget,
+                method_seed=ms,
+            )
+            save()
     print_tables(summarize_runs(runs), {k: len(v) for k, v in runs.items()}, args.markdown)
     console.print(f"wrote {out}")
 
