@@ -43,8 +43,11 @@ def margins(
     model: Classifier, data: ImageDataset, rows: torch.Tensor, *, device: str | torch.device
 ) -> torch.Tensor:
     """Logit margin of each row's given label over the best other class: ``[n]``."""
-    logits = logits_of(model, data, rows, device=device)
-    labels = data.labels[rows]
+    return logit_margins(logits_of(model, data, rows, device=device), data.labels[rows])
+
+
+def logit_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``logits[i, labels[i]]`` minus the largest other logit of row ``i``: ``[n]``."""
     given = logits.gather(1, labels[:, None])[:, 0]
     others = logits.scatter(1, labels[:, None], float("-inf")).max(1).values
     return given - others

@@ -113,7 +113,8 @@ def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
     memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The student's steps: the retained batch at its labels, plus forget_batch flagged rows
-    at forget_weight, fit to the teacher's probabilities (which give the given label little)."""
+    at forget_weight, fit to the teacher's probabilities (which give the given label little);
+    the weights are then divided by their sum, so a step is as large as a plain one."""
     from memaudit.unlearn import _methods
 
     model, train = memorized
@@ -136,8 +137,8 @@ def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
         assert step.targets is not None
         flagged = torch.isin(step.ids, torch.tensor(FLAGGED))
         assert int(flagged.sum()) == 4 and not flagged[:-4].any()  # appended to the batch
-        assert step.weights[flagged].sum() == pytest.approx(0.5)
-        assert step.weights[~flagged].sum() == pytest.approx(1.0)
+        assert step.weights[flagged].sum() == pytest.approx(0.5 / 1.5)  # the step sums to 1
+        assert step.weights[~flagged].sum() == pytest.approx(1 / 1.5)
         own = F.one_hot(train.labels[step.ids[~flagged]], 3).float()
         assert torch.equal(step.targets[~flagged], own)
         torch.testing.assert_close(step.targets[flagged].sum(1), torch.ones(4))
@@ -156,13 +157,13 @@ def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
 
     model, train = memorized
     missed: list[torch.Tensor] = []
-    real_missed, real_fit = _methods._missed, _methods._fit
+    real_view, real_fit = _methods._teacher_view, _methods._fit
     steps: list[Mixed] = []
 
-    def spy_missed(*args: object) -> torch.Tensor:
-        rows = real_missed(*args)  # type: ignore[arg-type]  # the spy passes them on
+    def spy_view(*args: object) -> tuple[float | None, torch.Tensor]:
+        median, rows = real_view(*args)  # type: ignore[arg-type]  # the spy passes them on
         missed.append(rows)
-        return rows
+        return median, rows
 
     def spy_fit(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
         if "mix" in kw:
@@ -171,7 +172,7 @@ def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
             kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
         return real_fit(job, net, rows, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_methods, "_missed", spy_missed)
+    monkeypatch.setattr(_methods, "_teacher_view", spy_view)
     monkeypatch.setattr(_methods, "_fit", spy_fit)
     # a teacher of a single epoch at p_gen=0.2 misses some retained rows of this tiny model
     options = {
@@ -188,7 +189,8 @@ def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
     for step in steps:
         held = step.ids[-2 - n : -2]  # batch, then the held rows, then 2 flagged
         assert torch.isin(held, risky).all()
-        assert step.weights[-2 - n : -2].sum() == pytest.approx(0.25)
+        assert step.weights[-2 - n : -2].sum() == pytest.approx(0.25 / (1 + 0.25 + 0.3))
+        assert step.weights.sum() == pytest.approx(1.0)
         assert torch.equal(step.targets[-2 - n : -2], F.one_hot(train.labels[held], 3).float())
 
 
