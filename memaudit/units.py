@@ -6,7 +6,7 @@ one flat axis, so a per-example mask is one row ``[U]`` and a batch of masks is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -135,20 +135,35 @@ class UnitSpace:
         return {layer.name: layer.size for layer in self.layers}
 
 
+def _by_layer(space: UnitSpace, flat: Sequence[int]) -> Iterator[tuple[Layer, torch.Tensor]]:
+    """The distinct units of ``flat`` grouped by layer: each layer and its units' indices."""
+    if not len(flat):
+        return
+    wanted = torch.as_tensor(flat, dtype=torch.long).reshape(-1).unique()
+    which = space.layer_index(wanted)
+    for k in which.unique().tolist():
+        layer = space.layers[k]
+        yield layer, wanted[which == k] - layer.offset
+
+
+def _unit_params(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The weight and (if any) bias of a conv / linear layer: output units on axis 0."""
+    for name in ("weight", "bias"):
+        param = getattr(module, name, None)
+        if isinstance(param, torch.Tensor):
+            yield param
+
+
 @torch.no_grad()
 def zero_unit_weights(model: nn.Module, space: UnitSpace, flat: Sequence[int]) -> None:
-    """Zero the weights and bias of the given units in place (a permanent edit of ``model``).
+    """Zero the weights and bias of the given units in place (a permanent edit of ``model``),
+    one indexed write per layer.
 
     Equivalent to a mask of 0 on those units for every example.
     """
-    for unit in space.units(flat):
-        module = model.get_submodule(unit.layer)
-        # Conv weights are [out, in, ...]; Linear weights are [out, in]: output units on axis 0.
-        weight: torch.Tensor = module.weight  # type: ignore[assignment]  # conv/linear only
-        weight[unit.index] = 0
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            bias[unit.index] = 0
+    for layer, index in _by_layer(space, flat):
+        for param in _unit_params(model.get_submodule(layer.name)):
+            param[index.to(param.device)] = 0
 
 
 @torch.no_grad()
@@ -161,16 +176,8 @@ def reset_unit_weights(
 
     One indexed copy per layer (output units on axis 0 of conv and linear weights).
     """
-    if not len(flat):
-        return
-    wanted = torch.as_tensor(flat, dtype=torch.long).reshape(-1).unique()
-    which = space.layer_index(wanted)
-    for k in which.unique().tolist():
-        layer = space.layers[k]
-        index = wanted[which == k] - layer.offset
-        module, fresh = model.get_submodule(layer.name), source.get_submodule(layer.name)
-        for name in ("weight", "bias"):
-            ours, theirs = getattr(module, name, None), getattr(fresh, name, None)
-            if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor):
-                at = index.to(ours.device)
-                ours[at] = theirs[index.to(theirs.device)].to(ours.device, ours.dtype)
+    for layer, index in _by_layer(space, flat):
+        ours = _unit_params(model.get_submodule(layer.name))
+        theirs = _unit_params(source.get_submodule(layer.name))
+        for mine, fresh in zip(ours, theirs, strict=True):
+            mine[index.to(mine.device)] = fresh[index.to(fresh.device)].to(mine.device, mine.dtype)
