@@ -50,6 +50,9 @@ class UnlearnJob:
 class UnlearnMethod:
     """An unlearning method: ``run(job) -> unlearned model`` and its default budget.
 
+    ``epochs``: its default number of epochs (0: it does not train); a method that trains
+    ``from_scratch`` trains for the retraining yardstick's epochs instead
+    (:func:`~memaudit.unlearn.budget_epochs`) and registers 0.
     ``lr_scale``: its learning rate as a share of the training recipe's fine-tuning rate
     (``recipe.lr * recipe.finetune_lr_scale``), or of the training rate itself when it trains
     ``from_scratch``: the rates follow the model family (``memaudit.engine.RECIPES``).
@@ -456,7 +459,7 @@ register_method(
     "retrain",
     UnlearnMethod(
         _retrain,
-        epochs=30,
+        epochs=0,
         lr_scale=1.0,
         description="retrain from scratch on retained",
         from_scratch=True,
