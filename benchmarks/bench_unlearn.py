@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,18 @@ def method_spec(entry: str) -> tuple[str, dict[str, Any]]:
     return name, parse_options(pairs)
 
 
+def resumable(saved: dict[str, Any], out: Path, **settings: Any) -> None:
+    """Exit with a one-line message when the runs in ``out`` were made with other
+    ``settings`` (e.g. another ``--budget``): resuming would mix them in one table."""
+    if not saved.get("runs"):
+        return
+    if differ := [k for k, v in settings.items() if k in saved and saved[k] != v]:
+        said = ", ".join(f"{k} {saved[k]!r} (now {settings[k]!r})" for k in differ)
+        message = f"--resume: the runs in {out} were made with {said}; use a new --out"
+        print(message, file=sys.stderr)
+        raise SystemExit(2)
+
+
 def run_one(
     tb: Path,
     kind: str,
@@ -473,6 +486,8 @@ def main() -> None:
         for kind in kinds
     ] or [(kind, Path(args.testbed), kind, cache) for kind in kinds]
     references = 0 if archs and args.references is None else args.references
+    if args.resume:
+        resumable(saved, out, methods=methods, budget=args.budget, threads=args.threads)
     runs: dict[str, dict[str, Any]] = saved.get("runs", {}) if args.resume else {}
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds)
     for label, tb, kind, where in settings:

@@ -29,6 +29,7 @@ import torch
 from bench_unlearn import (  # beside this file, on the path of a script run
     console,
     print_tables,
+    resumable,
     run_one,
     summarize_runs,
 )
@@ -57,8 +58,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     saved = json.loads(out.read_text()) if args.resume and out.exists() else {}
-    runs: dict[str, Any] = saved.get("runs", {})
     entries = [m for m in args.methods.split(",") if m]
+    resumable(saved, out, seed=args.seed, budget=args.budget, threads=args.threads)
+    runs: dict[str, Any] = saved.get("runs", {})
     method_seeds = [int(s) for s in args.method_seeds.split(",")]
 
     def save() -> None:
