@@ -10,6 +10,8 @@ units-to-flip, collateral accuracy drops, layers, speed-up and per-example agree
 Each reference mode is compared against the same sequential run. The batched search runs
 channels-last, as the scan does; the reference runs in PyTorch's default layout, as the
 authors' code does, or with ``--reference-channels-last`` channels-last too.
+``--precisions float32,bf16-reference`` runs every mode at each precision, and each variant
+reports the share of examples whose greedy units are those of the first variant, unit for unit.
 ``--noise-floor`` runs the sequential reference a second time with another draw of reference
 rows: how far two runs of the authors' own procedure agree is the floor under any agreement
 figure.
@@ -35,7 +37,7 @@ from rich.table import Table
 from memaudit import Auditor, ScanSettings, load_dataset, load_model, read_ids
 from memaudit.data import ImageDataset, complement, sample
 from memaudit.engine import channels_last, pick_device
-from memaudit.localize import Reference, greedy_search, reference_gradient
+from memaudit.localize import Reference, greedy_search, reference_gradient, resolved
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
 from memaudit.schema import ScanReport
@@ -68,6 +70,12 @@ def main() -> None:
         "--modes", default="shared", help="comma-separated: shared, refreshed, exact"
     )
     parser.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma-separated ScanSettings.precision values, each run with every mode "
+        "(auto: bf16-reference where the device has native bfloat16, else float32)",
+    )
+    parser.add_argument(
         "--noise-floor", action="store_true", help="rerun the reference on other reference rows"
     )
     parser.add_argument(
@@ -97,21 +105,30 @@ def main() -> None:
     picked = slice(args.skip, args.skip + args.n)
     groups = {"noisy": noisy_all[picked], "clean": clean_pool[picked]}
     groups = {k: v for k, v in groups.items() if k in args.groups.split(",")}
+    precisions = args.precisions.split(",")
     variants = {
-        mode: ScanSettings(
-            max_units=args.max_units,
-            reference_size=args.reference_size,
-            batch_size=args.batch_size,
-            reference_mode=mode,
-            shared_units=args.shared_units,
+        mode if len(precisions) == 1 else f"{mode}:{precision}": resolved(
+            ScanSettings(
+                max_units=args.max_units,
+                reference_size=args.reference_size,
+                batch_size=args.batch_size,
+                reference_mode=mode,
+                shared_units=args.shared_units,
+                precision=precision,
+            ),
+            device,
         )
         for mode in args.modes.split(",")
+        for precision in precisions
     }
     auditor = Auditor(model, train, test, device=device)
     model = auditor.model.to(device).eval()
 
     results: dict[str, Any] = {
-        "settings": next(iter(variants.values())).model_dump(exclude={"reference_mode"}),
+        "settings": next(iter(variants.values())).model_dump(
+            exclude={"reference_mode", "precision"}
+        ),
+        "precisions": {name: v.precision for name, v in variants.items()},
         "modes": list(variants),
         "skip": args.skip,
         "device": str(device),
@@ -166,6 +183,7 @@ def main() -> None:
                 "sequential_median_units": _median([len(s.units) for s in again if s.flipped]),
                 **_agreement([s.units if s.flipped else [] for s in again], seq),
             }
+        first: list[list[int]] | None = None
         for mode, variant in variants.items():
             console.print(f"{name}: {mode} ...")
             report = auditor.scan(ids, settings=variant)
@@ -174,6 +192,10 @@ def main() -> None:
             )
             group["modes"][mode] = _compare(
                 report, batched_units, batched_seconds, seq, seq_seconds, seq_search
+            )
+            first = first or batched_units
+            group["modes"][mode]["same_units_as_first_variant"] = _mean(
+                [float(a == b) for a, b in zip(batched_units, first, strict=True)]
             )
         results["groups"][name] = group
     g = results["groups"]
@@ -329,6 +351,7 @@ def _table(results: dict[str, Any]) -> Table:
         "agreement_within_1",
         "mean_abs_count_difference",
         "same_first_unit",
+        "same_units_as_first_variant",
         "scan_seconds",
         "batched_search_seconds",
         "sequential_search_seconds",

@@ -66,6 +66,17 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products natively (a CUDA GPU with bf16, a
+    CPU with AMX or AVX512-BF16): elsewhere autocast to bfloat16 is slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 # AdamW + warm-up + cosine, the usual recipe for ViTs trained from scratch (DeiT) and for

@@ -43,10 +43,14 @@ def read(journal: str | os.PathLike[str], key: dict[str, Any]) -> list[ExampleRe
     for path in files(journal):
         lines = path.read_text().splitlines()
         header = json.loads(lines[0]) if lines else {}
-        if header.get("format") != FORMAT or header.get("key") != key:
+        if header.get("format") != FORMAT:
             raise MemauditError(
-                f"{path} was written by a scan with other settings, model or data; delete it to "
-                "start over or rerun with the same options"
+                f"{path} is not a scan journal of this memaudit ({FORMAT}); delete it to start over"
+            )
+        if header.get("key") != key:
+            raise MemauditError(
+                f"{path} was written by a scan with other {_differing(header.get('key'), key)}; "
+                "delete it to start over or rerun with the same options"
             )
         for line in lines[1:]:
             try:
@@ -54,6 +58,19 @@ def read(journal: str | os.PathLike[str], key: dict[str, Any]) -> list[ExampleRe
             except ValidationError:
                 break  # a line cut short by a crash: redo from there
     return results
+
+
+def _differing(old: Any, new: dict[str, Any]) -> str:
+    """What differs between a journal's key and this scan's, for the error: the settings by
+    name (``settings (precision: float32 then, bf16-reference now)``), or the model or data."""
+    if not isinstance(old, dict):
+        return "settings, model or data"
+    was, now = old.get("settings") or {}, new["settings"]
+    names = [k for k in now if was.get(k) != now[k]]
+    if names:
+        said = ", ".join(f"{k}: {was.get(k)} then, {now[k]} now" for k in names)
+        return f"settings ({said})"
+    return " and ".join(k for k in ("model", "data") if old.get(k) != new[k])
 
 
 def start(

@@ -36,6 +36,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _float32_scans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process scans resolve ``precision="auto"`` to float32 whatever the test CPU has, so
+    the tests' answers do not depend on AMX; a test of bf16 asks for it by name."""
+    monkeypatch.setattr("memaudit.localize._search.native_bf16", lambda device: False)
+
+
 def tiny_cnn(in_chans: int = 1, num_classes: int = 3) -> nn.Sequential:
     """conv(4) -> relu -> conv(6) -> relu -> pool -> linear(5) -> relu -> linear head."""
     return nn.Sequential(

@@ -31,7 +31,10 @@ from memaudit.models import build_model, load_model, save_model
 from memaudit.schema import ScanReport, ScanSettings, UnlearnReport
 
 IDS = list(range(12))
-SETTINGS = ScanSettings(max_units=16, reference_size=16, batch_size=2, eval_size=0)
+# float32 named: the ranks run in processes of their own, which resolve "auto" on the CPU
+SETTINGS = ScanSettings(
+    max_units=16, reference_size=16, batch_size=2, eval_size=0, precision="float32"
+)
 
 
 def _data(root: Path) -> ImageDataset:
@@ -384,7 +387,7 @@ def test_unlearn_cli_on_two_ranks_writes_the_single_process_report(
             assert getattr(b, field) == pytest.approx(getattr(a, field), abs=1e-6), (block, field)
     assert two.settings == one.settings and two.agreement_with_retrain == one.agreement_with_retrain
     unlearned = [load_model(tmp_path / f"{out}.safetensors").state_dict() for out in ("one", "two")]
-    # AdamW normalizes tiny gradients, so their rounding can move a weight by a fraction of a
-    # step of the rate (1e-3 for two epochs): 5e-5 measured
+    # AdamW normalizes tiny gradients, so their rounding can move a weight by up to a step of
+    # the rate (1e-3 for two epochs): 5e-5 measured on one CPU, 2.1e-4 on another (AMX)
     for k, value in unlearned[0].items():
-        torch.testing.assert_close(unlearned[1][k], value, rtol=1e-5, atol=2e-4)
+        torch.testing.assert_close(unlearned[1][k], value, rtol=1e-5, atol=1e-3)

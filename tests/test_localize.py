@@ -241,6 +241,48 @@ def test_bf16_precision_runs_the_forwards_in_bfloat16(
     assert sum(a == b for a, b in zip(_units(low), _units(full), strict=True)) >= 4
 
 
+def test_bf16_reference_precision_runs_only_the_refreshes_in_bfloat16(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``precision="bf16-reference"``: the exact reference gradients (the refreshes) see
+    bfloat16, every other forward float32; ``auto`` picks it where the device has native
+    bfloat16 and float32 elsewhere, and the report holds the precision used."""
+    net, data, _ = tiny
+    model = Auditor(net, data, device="cpu").model
+    ids, options = list(range(8)), {"max_units": 20, "reference_size": 8, "shared_units": 0}
+    seen: list[tuple[int, torch.dtype]] = []
+    handle = net.conv2.register_forward_hook(lambda m, i, o: seen.append((len(o), o.dtype)))
+    exact = localize.exact_reference_grad
+    refreshed: list[int] = []
+
+    def spy(*args: Any) -> torch.Tensor:
+        before = len(seen)
+        out = exact(*args)
+        refreshed.extend(range(before, len(seen)))
+        return out
+
+    monkeypatch.setattr(localize._search, "exact_reference_grad", spy)
+    try:
+        low = localize.scan(
+            model,
+            data,
+            ids,
+            device="cpu",
+            settings=scan_settings(precision="bf16-reference", **options),
+        )
+    finally:
+        handle.remove()
+    assert refreshed and {seen[k][1] for k in refreshed} == {torch.bfloat16}
+    others = {dtype for k, (_, dtype) in enumerate(seen) if k not in set(refreshed)}
+    assert others == {torch.float32}
+    assert low.settings.precision == "bf16-reference" and low.summary.n_flipped >= 6
+    full = localize.scan(model, data, ids, device="cpu", settings=scan_settings(**options))
+    assert full.settings.precision == "float32"  # auto, on a CPU taken as without bf16
+    assert sum(a == b for a, b in zip(_units(low), _units(full), strict=True)) >= 4
+    monkeypatch.setattr(localize._search, "native_bf16", lambda device: True)
+    assert localize.resolved(scan_settings(), torch.device("cpu")).precision == "bf16-reference"
+
+
 def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
     model, data, _ = tiny
     report = Auditor(model, data, device="cpu").scan(list(range(10)), max_units=1)
@@ -291,8 +333,13 @@ def test_resume_refuses_other_settings(
     auditor = Auditor(model, data, device="cpu")
     journal = tmp_path / "j.jsonl"
     auditor.scan([0, 1], max_units=5, journal=journal)
-    with pytest.raises(MemauditError, match="other settings"):
+    with pytest.raises(MemauditError, match=r"other settings \(max_units: 5 then, 6 now\)"):
         auditor.scan([0, 1], max_units=6, journal=journal, resume=True)
+    with pytest.raises(MemauditError, match=r"precision: float32 then, bf16 now"):
+        auditor.scan([0, 1], max_units=5, precision="bf16", journal=journal, resume=True)
+    journal.write_text('{"format": "something else"}\n')
+    with pytest.raises(MemauditError, match="is not a scan journal of this memaudit"):
+        auditor.scan([0, 1], max_units=5, journal=journal, resume=True)
 
 
 def test_bad_settings_and_ids(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:
@@ -432,8 +479,9 @@ def test_equal_edits_are_evaluated_once(
 def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     tiny: tuple[nn.Module, ImageDataset, ImageDataset],
 ) -> None:
-    """In exact mode an example's score is d/dm of its whole objective at its own mask (checked
-    against autograd on one example with some units already zeroed)."""
+    """In exact mode an example's score (the scorer's target term plus the weighted exact
+    reference term, as the search adds them) is d/dm of its whole objective at its own mask
+    (checked against autograd on one example with some units already zeroed)."""
     model, data, _ = tiny
     classifier = Auditor(model, data, device="cpu").model.eval()
     space = classifier.units()
@@ -445,10 +493,8 @@ def test_exact_reference_term_is_the_gradient_of_the_whole_objective(
     settings = scan_settings(reference_size=8, reference_mode="exact")
     with UnitMasks(classifier.net, space) as masks:
         ref_grad = exact_reference_grad(classifier, masks, mask, Reference(ref_x, ref_y))
-        ctx = ScoreContext(
-            classifier, masks, x, y, mask, ref_grad, settings, torch.arange(len(y)), 0
-        )
-        scores = SCORERS["grad-x-act"](ctx).scores
+        ctx = ScoreContext(classifier, masks, x, y, mask, settings, torch.arange(len(y)), 0)
+        scores = SCORERS["grad-x-act"](ctx).scores + settings.reference_weight * ref_grad
         one = mask[1:2].clone().requires_grad_(True)
         with masks.applied(one.expand(1 + len(ref), -1)):
             logits = classifier(torch.cat([x[1:2], ref_x]))

@@ -55,6 +55,7 @@ from memaudit.localize._search import (
     predict_masked,
     prune,
     reference_gradient,
+    resolved,
     search_chunk,
 )
 from memaudit.localize._shard import World, expected_cost, shard
@@ -76,6 +77,7 @@ __all__ = [
     "prune",
     "reference_gradient",
     "register_scorer",
+    "resolved",
     "rows_per_pass",
     "scan",
     "scan_settings",

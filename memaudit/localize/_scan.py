@@ -21,6 +21,7 @@ from memaudit.localize._search import (
     Stages,
     edited_accuracy,
     reference_gradient,
+    resolved,
     search_chunk,
 )
 from memaudit.localize._shard import World, expected_cost, gather, shard
@@ -80,11 +81,11 @@ def scan(
     inputs. A rank that fails leaves its journal; the others stop with an error naming the ids
     missing, and ``resume=True`` (with any world size) searches only those.
     """
-    cfg = settings or ScanSettings()
     if not ids:
         raise MemauditError("no flagged ids to scan; give at least one")
     start = time.perf_counter()
     dev = pick_device(device)
+    cfg = resolved(settings or ScanSettings(), dev)
     rows = train.rows(ids)
     space = model.units()
     model = model.to(dev).eval()
@@ -165,7 +166,7 @@ def scan(
 
 
 def precision(cfg: ScanSettings, device: torch.device) -> torch.autocast:
-    """The autocast of ``cfg.precision`` on ``device`` (off for float32)."""
+    """The autocast of the scan's forwards on ``device``: on only for ``bf16``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 

@@ -2,7 +2,9 @@
 
 A scorer takes a :class:`ScoreContext` and returns :class:`Scores`: ``[A, U]`` (higher = zero
 this unit first) and, when its forward ran at the current mask anyway, the logits there, so
-the search checks for flips without another forward pass.
+the search checks for flips without another forward pass. A scorer of the objective scores its
+target term ``-CE(x_i; m_i)``; the search adds the reference term (:mod:`memaudit.localize`)
+to the examples that did not flip.
 """
 
 from __future__ import annotations
@@ -38,9 +40,6 @@ class ScoreContext:
     x: torch.Tensor  # [A, ...] inputs of the active examples
     y: torch.Tensor  # [A] their labels
     mask: torch.Tensor  # [A, U] current masks (1 = on, 0 = zeroed)
-    # d mean CE(reference) / d m: [U] at m = 1 (shared by all), or [A, U] at each example's mask
-    # as last refreshed (see memaudit.localize).
-    reference_grad: torch.Tensor
     settings: ScanSettings
     ids: torch.Tensor  # [A] the examples' ids: the keys of their random draws
     step: int  # the greedy step: each draws afresh
@@ -54,10 +53,12 @@ class ScoreContext:
 @dataclass(frozen=True)
 class Scores:
     """A scorer's answer: ``scores`` ``[A, U]``; ``logits`` ``[A, K]`` at the current mask or
-    ``None`` when its forward did not compute them."""
+    ``None`` when its forward did not compute them; ``with_reference``: the search adds the
+    reference term (``False``: a baseline ranked by ``scores`` alone)."""
 
     scores: torch.Tensor
     logits: torch.Tensor | None = None
+    with_reference: bool = True
 
 
 Scorer = Callable[[ScoreContext], Scores]
@@ -97,11 +98,11 @@ def target_objective(
 
 @register_scorer("grad-x-act")
 def grad_x_act(ctx: ScoreContext) -> Scores:
-    """The paper's first-order estimate: ``dL/dm``, i.e. gradient x activation per unit."""
+    """The paper's first-order estimate: ``d(-CE)/dm``, i.e. gradient x activation per unit."""
     mask = ctx.mask.detach().clone().requires_grad_(True)
     objective, logits = target_objective(ctx, mask)
     (grad,) = torch.autograd.grad(objective.sum(), mask)
-    return Scores(grad + ctx.settings.reference_weight * ctx.reference_grad, logits)
+    return Scores(grad, logits)
 
 
 @register_scorer("integrated-gradients")
@@ -120,12 +121,11 @@ def integrated_gradients(ctx: ScoreContext) -> Scores:
         additional_forward_args=(ctx.x, ctx.y),
         n_steps=ctx.settings.ig_steps,
     )
-    return Scores(attr.detach() + ctx.settings.reference_weight * ctx.reference_grad)
+    return Scores(attr.detach())
 
 
 @register_scorer("random")
 def random_scores(ctx: ScoreContext) -> Scores:
     """A baseline: zero random units."""
-    return Scores(
-        keyed.uniform(ctx.ids.to(ctx.mask.device), ctx.mask.shape[1], seed=ctx.draw_seed())
-    )
+    draws = keyed.uniform(ctx.ids.to(ctx.mask.device), ctx.mask.shape[1], seed=ctx.draw_seed())
+    return Scores(draws, with_reference=False)

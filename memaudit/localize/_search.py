@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from memaudit.data import ImageDataset
+from memaudit.engine import native_bf16
 from memaudit.localize._scorers import SCORERS, ScoreContext, rows_per_pass
 from memaudit.masks import UnitMasks
 from memaudit.models import Classifier
@@ -41,6 +42,15 @@ class Stages:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def resolved(cfg: ScanSettings, device: torch.device) -> ScanSettings:
+    """``cfg`` with ``precision="auto"`` made the one used on ``device`` (:func:`native_bf16`)."""
+    if cfg.precision != "auto":
+        return cfg
+    return cfg.model_copy(
+        update={"precision": "bf16-reference" if native_bf16(device) else "float32"}
+    )
 
 
 @dataclass
@@ -201,17 +211,12 @@ def _search(
     ids = ids.to(x.device)  # indexed by ``active`` each step, with no transfer
     ref_grads = reference_grad.expand(n_rows, -1).clone() if mode != "shared" else None
     next_refresh = 0 if mode == "exact" else 1
+    # The refreshes under autocast
+    low = resolved(settings, x.device).precision in ("bf16", "bf16-reference")
     n_zeroed = step = 0
     while active.numel():
         mask = (~zeroed[active]).float()
-        due = n_zeroed >= next_refresh and n_zeroed < budget
-        if ref_grads is not None and reference is not None and due:
-            ref_grads[active] = exact_reference_grad(model, masks, mask, reference)
-            next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
-        ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
-        ctx = ScoreContext(
-            model, masks, x[active], y[active], mask, ref_grad, settings, ids[active], step
-        )
+        ctx = ScoreContext(model, masks, x[active], y[active], mask, settings, ids[active], step)
         # Score before checking for flips: the default scorer's forward also gives predictions.
         scored = scorer(ctx) if n_zeroed < budget else None
         logits = scored.logits if scored is not None else None
@@ -226,7 +231,15 @@ def _search(
             found[i].greedy = order[i, :n_zeroed].tolist()
         if scored is None or bool(done.all()):
             break
-        active, scores = active[~done], scored.scores[~done]
+        active, mask, scores = active[~done], mask[~done], scored.scores[~done]
+        if scored.with_reference:
+            # Refreshed after the flip check: an example that flips here needs no new term.
+            if ref_grads is not None and reference is not None and n_zeroed >= next_refresh:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=low):
+                    ref_grads[active] = exact_reference_grad(model, masks, mask, reference)
+                next_refresh = n_zeroed + 1 if mode == "exact" else 2 * n_zeroed
+            ref_grad = ref_grads[active] if ref_grads is not None else reference_grad
+            scores = scores + settings.reference_weight * ref_grad
         scores = scores.masked_fill(zeroed[active], float("-inf"))
         k = min(settings.units_per_step, budget - n_zeroed)
         top = scores.topk(k, dim=1).indices

@@ -90,10 +90,13 @@ class ScanSettings(BaseModel):
     eval_size: int = Field(512, ge=0, description="test rows for the after-edit accuracy")
     ig_steps: int = Field(8, ge=1, description="integration steps of the captum scorer")
     seed: int = Field(0, description="seed of reference sampling, noise and scorers")
-    precision: Literal["float32", "bf16"] = Field(
-        "float32",
-        description="bf16: the model's forwards under bfloat16 autocast (for GPUs); the masks, "
-        "their gradients and the flip checks stay float32",
+    precision: Literal["auto", "float32", "bf16-reference", "bf16"] = Field(
+        "auto",
+        description="bf16-reference: the refreshes of the reference term (most of a refreshed "
+        "scan's work) under bfloat16 autocast, the rest in float32; bf16: every forward under "
+        "bfloat16 autocast, the masks, their gradients and the flip checks in float32; auto: "
+        "bf16-reference on a device with native bfloat16 (a CUDA GPU that has it, a CPU with "
+        "AMX or AVX512-BF16), else float32 (a report holds the precision used)",
     )
 
 
