@@ -169,6 +169,8 @@ def main() -> None:
             "sequential_flip_rate": sum(s.flipped for s in seq) / max(1, len(seq)),
             "sequential_median_units": _median([len(s.units) for s in seq if s.flipped]),
             "sequential_mean_units": _mean([float(len(s.units)) for s in seq if s.flipped]),
+            # per example, in order ([]: did not flip): to compare later variants offline
+            "sequential_units": [s.units if s.flipped else [] for s in seq],
             "modes": {},
         }
         if args.noise_floor:

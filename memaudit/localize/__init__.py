@@ -22,11 +22,16 @@ example; the score is ``dL_i/dm = -dCE_i/dm (at m_i) + w * g_ref``. Three modes
 - ``refreshed`` (default): the search first runs in shared mode with a budget of
   ``shared_units`` (4). Examples that flip within it keep that answer. The rest are searched
   again from the start, with ``g_ref`` recomputed exactly at each example's own mask after 1, 2,
-  4, 8, ... zeroed units and held in between. This removes most of the drift at a fraction of
-  the exact cost (clean examples: a median of 8 against the authors' 9).
+  4, 8, ... zeroed units and held in between (only for the examples that have not flipped at
+  that mask). This removes most of the drift at a fraction of the exact cost (clean examples: a
+  median of 8 against the authors' 9).
 - ``exact``: ``g_ref(m_i)`` at every step: every example's mask on every reference row
   (``A x R`` rows per step, shared by examples with equal masks). It gives the authors' term
   unit for unit, at close to their cost on a CPU.
+
+**Precision.** The refreshes are most of a refreshed scan's work. ``precision="bf16-reference"``
+(what ``auto`` picks on a device with native bfloat16) runs them under bfloat16 autocast and
+everything else in float32; ``bf16`` runs every forward under autocast.
 
 ``benchmarks/bench_scan.py`` measures all three against the sequential search in the same run.
 

@@ -125,67 +125,20 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     3. The head is scaled so that the median margin on retained rows is the model's before.
        (No scaling in 2 or 3 where a median margin is not positive.)
 
-    Why (the label-noise testbed, ``bench_unlearn.py``, seed 0, 6 epochs; flagged / retained
-    / test accuracy, TPR at 1% FPR): the drop network alone forgets every example's
-    memorization, the retained rows' as well. With 400 random clean ids flagged it kept 88% of
-    the retained rows (the 400 retained mislabeled ones are lost; retraining keeps 100%), and
-    three to seven epochs of more training in drop mode did not bring them back (91.5% after
-    7). The model itself still holds them, so step 2 starts from it. The drop network is also
-    less sure of everything (median retained margin 7.7 against the model's 9.9): fit to it
-    unscaled, the 400 mislabeled ids kept a membership TPR of 45% (retraining 0.1%); scaled
-    (steps 2-3), 14-20%. A forget weight of 1 lost retained rows (92.9% with the 400 random
-    ids); 0.3 kept them (97.0 / 100 / 94.8 / 6.4 against retraining's 95.5 / 100 / 94.6 /
-    1.1). Without the hold (``hold_weight=0``), a quarter of the mislabeled ids flagged lost
-    most of the 300 others (92.4-92.8% retained), and on timm's ``test_resnet`` testbed with
-    its first 50 mislabeled ids flagged, 93.3% (the drop network alone: 90.1%): the pull
-    towards the teacher erased the memorization of retained rows like the flagged ones. A
-    weaker pull kept them but left more membership signal (``forget_weight=0.1``: 99.9%
-    retained, TPR 24%, and with all mislabeled ids flagged, TPR 44% against 19%). The teacher
-    misses exactly the rows at risk, so step 2 holds those. ``benchmarks/bench_unlearn_seeds.py``,
-    5 epochs, the ids and yardstick of seed 0, method seeds 10-12 (mean average gap to
-    retraining, ``hold_weight`` 0 / 0.1 / 0.3): mislabeled-part 3.0 / 1.0 / 2.0 (retained
-    92.6 / 99.5 / 97.0%; 0.3 lost them once, 91.1%), random-10 1.8 / 1.6 / 1.8, mislabeled
-    4.8 / 4.8 / 5.5 (seeds 10-11), random-1 0.9 / 1.0 and class 6.1 / 5.7 (seeds 10-11, no
-    0.3); hold_batch 8 and 16 held less (mislabeled-part 96-98% retained). test_resnet: 99.4%
-    retained. 2 + 3 epochs (the default) gave the same as 3 + 3 within 1.3 points. Those
-    steps were undivided (each part on top of the batch's weight of 1, a step 1.4 times the
-    recipe's), and on some draws the student lost what the hold was to keep: method seed 0
-    kept 93.2% of mislabeled-part's retained rows, and an undivided ``hold_weight=1`` lost
-    1,305 of 3,900. Divided (the same measurement, undivided -> divided): mislabeled-part 1.0
-    -> 0.75 (retained 99.5 -> 99.8%; seed 0: 2.8 -> 0.7, 99.7%), random-1 1.0 -> 0.7,
-    random-10 1.6 -> 1.6, class 5.7 -> 5.6, and mislabeled 4.8 -> 6.3 (seeds 10-11; TPR 19
-    -> 24%: the smaller step leaves the student less sure of the true classes).
+    Why a teacher and not the drop network itself: the drop network forgets every example's
+    memorization, the retained rows' as well (400 random clean ids flagged on the testbed: 88%
+    of the retained rows kept, against retraining's 100%), and it is less sure of everything.
+    ``distil=False`` exports the drop network (step 1 alone; the default of transformers and
+    LayerNorm CNNs, where steps 2-3 were not measured).
 
-    ``distil=False``: only step 1, the drop network (the method before; the default of
-    transformers and LayerNorm CNNs, where steps 2-3 were not measured).
+    Step 1 ties only the flagged rows (``tie="flagged"``): what they need beyond the shared
+    features goes to their memorization units, while the retained rows train the drop-mode
+    network directly. ``p_gen`` of each layer is kept in drop mode; the layers go after every
+    conv / linear layer (``layers="every"``; ``layers="mlp"``: the MLPs' hidden features only,
+    which leaves a transformer's memorization in its residual stream).
 
-    Step 1, the drop network, as designed and measured alone (the label-noise testbed, 400
-    flagged of 4,000; ``benchmarks/bench_unlearn.py``): with ``tie="flagged"`` only the flagged
-    rows get example-tied masks, so what they need beyond the shared features goes to their own
-    memorization units, while the retained rows train the drop-mode network (generalization
-    units only) directly - the network that is exported. Tying every row (the paper's training-
-    time recipe, ``tie="all"``) left the 5-epoch drop-mode model at about 50% retained accuracy
-    with ``p_gen=0.2`` and 88% with ``p_gen=0.5``: a few epochs do not move a trained model's
-    function into its generalization units. ``p_gen=0.5`` keeps half of each layer in the
-    exported model (``p_gen=0.2`` with ``tie="flagged"``: 0.8% flagged, 99.7% retained
-    accuracy). Three epochs (0.25% flagged, 99.7% retained, 97.7% test) cost about a sixth of
-    retraining; five gave 0% / 99.97% / 97.7%. The fine-tuning follows the model family's
-    recipe (SGD one-cycle here).
-
-    The layers go after every conv / linear layer (``layers="every"``,
-    :func:`~memaudit.dropout.conv_layers`) in every family. Transformers and LayerNorm CNNs
-    (AdamW recipe at its full rate) were measured on the ``bench_unlearn.py --arch`` testbeds,
-    400 mislabeled ids flagged, one seed, the same runs the defaults were chosen on (flagged /
-    retained / test accuracy; retraining: HF ViT 0.5 / 100 / 93.7, timm ViT 1.75 / 100 / 91.1,
-    ConvNeXt 0.5 / 100 / 96.1). On the MLPs' hidden features only (``layers="mlp"``,
-    :func:`~memaudit.dropout.mlp_hidden_layers`) the residual stream keeps the memorization: the
-    HF ViT kept 82% flagged at a tenth of the rate, 25% at the full rate, 15% with
-    ``p_gen=0.3``. After every layer at the full rate, 3 epochs: HF ViT 2.5 / 91.9 / 87.8,
-    ConvNeXt 3.5 / 97.7 / 93.2; more epochs give retained and test accuracy back. Defaults:
-    transformers ``p_gen=0.7``, 16 epochs (HF ViT 1.75 / 100 / 92.6, timm ViT 1.75 / 98.6 /
-    89.4; 8 epochs: 2.5 / 99.6 / 91.7 and 1.5 / 93.9 / 86.9; ``p_gen=0.5``, 8 epochs: HF ViT
-    1.0 / 98.7 / 91.1), LayerNorm CNNs ``p_gen=0.5``, 8 epochs (ConvNeXt 3.5 / 100 / 94.6;
-    ``p_gen=0.7`` left 38% flagged): a fifth of retraining's epochs.
+    Every default here was measured: ``docs/example-tied-dropout.md`` has the figures and the
+    variants tried, the README's unlearning sections the tables and their commands.
     """
     if not job.options.get("distil", True):
         return _drop_network(job)
