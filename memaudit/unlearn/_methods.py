@@ -168,9 +168,11 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
             job, model=copy.deepcopy(job.model), epochs=first, on_epoch=_progress(job, 0)
         )
     )
-    median, missed = _teacher_view(teacher, job.train, job.retained, order, dev)
+    if hold > 0:  # the rows to hold come from a pass over every retained row
+        median, risky = _teacher_view(teacher, job.train, job.retained, order, dev)
+    else:
+        median, risky = _median_margin(teacher, job.train, sample, dev), job.retained[:0]
     scale = _ratio(before, median)
-    risky = missed if hold > 0 else job.retained[:0]
     taught = logits_of(teacher, job.train, job.flagged, device=dev).mul_(scale).softmax(1)
     del teacher
     where = torch.full((len(job.train),), -1, dtype=torch.long)
