@@ -10,7 +10,7 @@ units-to-flip, collateral accuracy drops, layers, speed-up and per-example agree
 Each reference mode is compared against the same sequential run. The batched search runs
 channels-last, as the scan does; the reference runs in PyTorch's default layout, as the
 authors' code does, or with ``--reference-channels-last`` channels-last too.
-``--precisions float32,bf16-reference`` runs every mode at each precision, and each variant
+``--precisions float32,mixed`` runs every mode at each precision, and each variant
 reports the share of examples whose greedy units are those of the first variant, unit for unit.
 ``--noise-floor`` runs the sequential reference a second time with another draw of reference
 rows: how far two runs of the authors' own procedure agree is the floor under any agreement
@@ -73,7 +73,7 @@ def main() -> None:
         "--precisions",
         default="auto",
         help="comma-separated ScanSettings.precision values, each run with every mode "
-        "(auto: bf16-reference where the device has native bfloat16, else float32)",
+        "(auto: mixed where the device has native bfloat16, else float32)",
     )
     parser.add_argument(
         "--noise-floor", action="store_true", help="rerun the reference on other reference rows"

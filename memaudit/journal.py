@@ -62,7 +62,7 @@ def read(journal: str | os.PathLike[str], key: dict[str, Any]) -> list[ExampleRe
 
 def _differing(old: Any, new: dict[str, Any]) -> str:
     """What differs between a journal's key and this scan's, for the error: the settings by
-    name (``settings (precision: float32 then, bf16-reference now)``), or the model or data."""
+    name (``settings (precision: float32 then, mixed now)``), or the model or data."""
     if not isinstance(old, dict):
         return "settings, model or data"
     was, now = old.get("settings") or {}, new["settings"]

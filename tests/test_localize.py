@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -241,46 +242,77 @@ def test_bf16_precision_runs_the_forwards_in_bfloat16(
     assert sum(a == b for a, b in zip(_units(low), _units(full), strict=True)) >= 4
 
 
-def test_bf16_reference_precision_runs_only_the_refreshes_in_bfloat16(
+def test_mixed_precision_runs_the_refreshes_and_the_evaluation_in_bfloat16(
     tiny: tuple[nn.Module, ImageDataset, ImageDataset], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``precision="bf16-reference"``: the exact reference gradients (the refreshes) see
-    bfloat16, every other forward float32; ``auto`` picks it where the device has native
-    bfloat16 and float32 elsewhere, and the report holds the precision used."""
+    """``precision="mixed"``: the exact reference gradients (the refreshes) see bfloat16, the
+    after-edit accuracy bfloat16 with its close calls in float32, the search and pruning only
+    float32; ``auto`` picks it where the device has native bfloat16 and float32 elsewhere, and
+    the report holds the precision used."""
     net, data, _ = tiny
     model = Auditor(net, data, device="cpu").model
     ids, options = list(range(8)), {"max_units": 20, "reference_size": 8, "shared_units": 0}
     seen: list[tuple[int, torch.dtype]] = []
     handle = net.conv2.register_forward_hook(lambda m, i, o: seen.append((len(o), o.dtype)))
-    exact = localize.exact_reference_grad
-    refreshed: list[int] = []
+    spans: dict[str, list[int]] = {"refresh": [], "evaluation": []}
 
-    def spy(*args: Any) -> torch.Tensor:
-        before = len(seen)
-        out = exact(*args)
-        refreshed.extend(range(before, len(seen)))
-        return out
+    def spy(stage: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+            before = len(seen)
+            out = fn(*args, **kwargs)
+            spans[stage].extend(range(before, len(seen)))
+            return out
 
-    monkeypatch.setattr(localize._search, "exact_reference_grad", spy)
+        return wrapped
+
+    monkeypatch.setattr(
+        localize._search, "exact_reference_grad", spy("refresh", localize.exact_reference_grad)
+    )
+    monkeypatch.setattr(
+        localize._scan, "edited_accuracy", spy("evaluation", localize.edited_accuracy)
+    )
     try:
         low = localize.scan(
-            model,
-            data,
-            ids,
-            device="cpu",
-            settings=scan_settings(precision="bf16-reference", **options),
+            model, data, ids, device="cpu", settings=scan_settings(precision="mixed", **options)
         )
     finally:
         handle.remove()
-    assert refreshed and {seen[k][1] for k in refreshed} == {torch.bfloat16}
-    others = {dtype for k, (_, dtype) in enumerate(seen) if k not in set(refreshed)}
-    assert others == {torch.float32}
-    assert low.settings.precision == "bf16-reference" and low.summary.n_flipped >= 6
+    assert spans["refresh"] and {seen[k][1] for k in spans["refresh"]} == {torch.bfloat16}
+    assert torch.bfloat16 in {seen[k][1] for k in spans["evaluation"]}
+    elsewhere = set(spans["refresh"]) | set(spans["evaluation"])
+    assert {dtype for k, (_, dtype) in enumerate(seen) if k not in elsewhere} == {torch.float32}
+    assert low.settings.precision == "mixed" and low.summary.n_flipped >= 6
     full = localize.scan(model, data, ids, device="cpu", settings=scan_settings(**options))
     assert full.settings.precision == "float32"  # auto, on a CPU taken as without bf16
     assert sum(a == b for a, b in zip(_units(low), _units(full), strict=True)) >= 4
     monkeypatch.setattr(localize._search, "native_bf16", lambda device: True)
-    assert localize.resolved(scan_settings(), torch.device("cpu")).precision == "bf16-reference"
+    assert localize.resolved(scan_settings(), torch.device("cpu")).precision == "mixed"
+
+
+def test_checked_bfloat16_evaluation_gives_the_float32_accuracies(
+    tiny: tuple[nn.Module, ImageDataset, ImageDataset],
+) -> None:
+    """The after-edit accuracy in bfloat16, close calls redone in float32, equals the float32
+    accuracy edit for edit, and most predictions stay in bfloat16."""
+    model, data, _ = tiny
+    classifier = Auditor(model, data, device="cpu").model.eval()
+    space, cpu = classifier.units(), torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    sets = [torch.randperm(space.total, generator=gen)[: 1 + k % 4].tolist() for k in range(30)]
+    dtypes: list[tuple[int, torch.dtype]] = []
+    handle = model.conv2.register_forward_hook(lambda m, i, o: dtypes.append((len(o), o.dtype)))
+    rows = torch.arange(len(data))
+    with UnitMasks(classifier.net, space) as masks:
+        exact = localize.edited_accuracy(classifier, masks, sets, data, rows, device=cpu)
+        dtypes.clear()
+        checked = localize.edited_accuracy(
+            classifier, masks, sets, data, rows, device=cpu, checked_bf16=True
+        )
+    handle.remove()
+    torch.testing.assert_close(checked, exact, rtol=0, atol=0)
+    low = sum(n for n, d in dtypes if d == torch.bfloat16)
+    redone = sum(n for n, d in dtypes if d == torch.float32) - len(rows)  # less the calibration
+    assert low >= len(rows) * 20 and 0 <= redone < low / 2
 
 
 def test_budget_exhausted(tiny: tuple[nn.Module, ImageDataset, ImageDataset]) -> None:

@@ -29,9 +29,11 @@ example; the score is ``dL_i/dm = -dCE_i/dm (at m_i) + w * g_ref``. Three modes
   (``A x R`` rows per step, shared by examples with equal masks). It gives the authors' term
   unit for unit, at close to their cost on a CPU.
 
-**Precision.** The refreshes are most of a refreshed scan's work. ``precision="bf16-reference"``
-(what ``auto`` picks on a device with native bfloat16) runs them under bfloat16 autocast and
-everything else in float32; ``bf16`` runs every forward under autocast.
+**Precision.** The refreshes are most of a refreshed scan's work and the after-edit accuracy
+most of the rest. ``precision="mixed"`` (what ``auto`` picks on a device with native bfloat16)
+runs both under bfloat16 autocast, the accuracy with every close call redone in float32 (the
+same accuracies as float32), and the scores, flip checks and pruning in float32; ``bf16`` runs
+every forward under autocast.
 
 ``benchmarks/bench_scan.py`` measures all three against the sequential search in the same run.
 

@@ -207,6 +207,7 @@ def _search(
     timed: Stages,
 ) -> None:
     """Search ``todo`` (id, row) chunk by chunk; ``found`` gets each chunk's results."""
+    checked = {"device": dev, "checked_bf16": cfg.precision == "mixed"}
     with UnitMasks(model.net, space) as masks, channels_last(model), precision(cfg, dev):
         with timed("reference"):
             ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
@@ -227,9 +228,9 @@ def _search(
             )
             sets = [f.minimal for f in searched if f.status is Status.FLIPPED]
             with timed("evaluation"):
-                ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, device=dev)
+                ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, **checked)
                 test_acc = (
-                    edited_accuracy(model, masks, sets, test, test_rows, device=dev)
+                    edited_accuracy(model, masks, sets, test, test_rows, **checked)
                     if test is not None and test_rows is not None
                     else None
                 )

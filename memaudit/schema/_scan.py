@@ -90,13 +90,15 @@ class ScanSettings(BaseModel):
     eval_size: int = Field(512, ge=0, description="test rows for the after-edit accuracy")
     ig_steps: int = Field(8, ge=1, description="integration steps of the captum scorer")
     seed: int = Field(0, description="seed of reference sampling, noise and scorers")
-    precision: Literal["auto", "float32", "bf16-reference", "bf16"] = Field(
+    precision: Literal["auto", "float32", "mixed", "bf16"] = Field(
         "auto",
-        description="bf16-reference: the refreshes of the reference term (most of a refreshed "
-        "scan's work) under bfloat16 autocast, the rest in float32; bf16: every forward under "
-        "bfloat16 autocast, the masks, their gradients and the flip checks in float32; auto: "
-        "bf16-reference on a device with native bfloat16 (a CUDA GPU that has it, a CPU with "
-        "AMX or AVX512-BF16), else float32 (a report holds the precision used)",
+        description="mixed: bfloat16 autocast where it only steers or is checked (the "
+        "refreshes of the reference term, most of a refreshed scan's work; the after-edit "
+        "accuracy, every close call redone in float32, so the accuracies are float32's), "
+        "float32 for the scores, flip checks and pruning; bf16: every forward under bfloat16 "
+        "autocast, the masks, their gradients and the flip checks in float32; auto: mixed on a "
+        "device with native bfloat16 (a CUDA GPU that has it, a CPU with AMX or AVX512-BF16), "
+        "else float32 (a report holds the precision used)",
     )
 
 
