@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -207,7 +208,9 @@ def _search(
     timed: Stages,
 ) -> None:
     """Search ``todo`` (id, row) chunk by chunk; ``found`` gets each chunk's results."""
-    checked = {"device": dev, "checked_bf16": cfg.precision == "mixed"}
+    evaluate = functools.partial(
+        edited_accuracy, model, device=dev, checked_bf16=cfg.precision == "mixed"
+    )
     with UnitMasks(model.net, space) as masks, channels_last(model), precision(cfg, dev):
         with timed("reference"):
             ref_grad = reference_gradient(model, masks, train, ref_rows, device=dev)
@@ -228,9 +231,9 @@ def _search(
             )
             sets = [f.minimal for f in searched if f.status is Status.FLIPPED]
             with timed("evaluation"):
-                ref_acc = edited_accuracy(model, masks, sets, train, ref_rows, **checked)
+                ref_acc = evaluate(masks, sets, train, ref_rows)
                 test_acc = (
-                    edited_accuracy(model, masks, sets, test, test_rows, **checked)
+                    evaluate(masks, sets, test, test_rows)
                     if test is not None and test_rows is not None
                     else None
                 )

@@ -48,9 +48,7 @@ def resolved(cfg: ScanSettings, device: torch.device) -> ScanSettings:
     """``cfg`` with ``precision="auto"`` made the one used on ``device`` (:func:`native_bf16`)."""
     if cfg.precision != "auto":
         return cfg
-    return cfg.model_copy(
-        update={"precision": "mixed" if native_bf16(device) else "float32"}
-    )
+    return cfg.model_copy(update={"precision": "mixed" if native_bf16(device) else "float32"})
 
 
 @dataclass
