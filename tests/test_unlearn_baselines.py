@@ -196,6 +196,26 @@ def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
         assert torch.equal(step.targets[-2 - n : -2], F.one_hot(train.labels[held], 3).float())
 
 
+def test_example_tied_dropout_calibrate_sets_the_median_retained_margin(
+    memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """calibrate=MARGIN scales the head to that median margin on the retained rows (here all
+    of them are the sample); calibrate=false leaves the student's logits as trained."""
+    from memaudit.unlearn import _methods
+
+    model, train = memorized
+    retained = complement(len(train), FLAGGED)
+    out = unlearn(model, train, FLAGGED, epochs=2, options={"calibrate": 7.5}, device="cpu")
+    median = float(margins(out.model, train, retained, device="cpu").median())
+    assert median == pytest.approx(7.5, rel=1e-4)
+    scaled: list[float] = []
+    monkeypatch.setattr(_methods, "_scale_logits", lambda m, f: scaled.append(f))
+    unlearn(model, train, FLAGGED, epochs=2, options={"calibrate": False}, device="cpu")
+    assert scaled == []
+    with pytest.raises(MemauditError, match="option calibrate must be"):
+        unlearn(model, train, FLAGGED, epochs=2, options={"calibrate": "high"}, device="cpu")
+
+
 def test_example_tied_dropout_needs_two_epochs_unless_told_not_to_distil(
     memorized: tuple[Classifier, ImageDataset],
 ) -> None:

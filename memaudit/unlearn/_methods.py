@@ -122,8 +122,9 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
        hold_weight``), so the added rows do not make a step larger than the recipe's. The
        teacher's logits are first scaled so that its median margin on retained rows is the
        model's.
-    3. The head is scaled so that the median margin on retained rows is the model's before.
-       (No scaling in 2 or 3 where a median margin is not positive.)
+    3. The head is scaled so that the median margin on retained rows is the model's before
+       (``calibrate=true``; a number: that median margin; ``false``: no scaling). No scaling
+       in 2 or 3 where a median margin is not positive.
 
     Why a teacher and not the drop network itself: the drop network forgets every example's
     memorization, the retained rows' as well (400 random clean ids flagged on the testbed: 88%
@@ -145,6 +146,13 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     share, weight = float(job.options["teacher_share"]), float(job.options["forget_weight"])
     hold, size = float(job.options["hold_weight"]), int(job.options["forget_batch"])
     hold_size = int(job.options["hold_batch"])
+    calibrate = job.options["calibrate"]
+    if not isinstance(calibrate, bool) and not (
+        isinstance(calibrate, int | float) and calibrate > 0
+    ):
+        raise MemauditError(
+            f"option calibrate must be true, false or a margin > 0, got {calibrate!r}"
+        )
     if not 0 < share < 1 or min(weight, hold) < 0 or min(size, hold_size) < 1:
         raise MemauditError(
             "options teacher_share must be in (0, 1), forget_weight and hold_weight >= 0, "
@@ -199,7 +207,9 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
 
     rest = dataclasses.replace(job, epochs=job.epochs - first, on_epoch=_progress(job, first))
     model = _fit(rest, job.model, job.retained, mix=mix)
-    _scale_logits(model, _ratio(before, _median_margin(model, job.train, sample, dev)))
+    if calibrate is not False:
+        target = before if calibrate is True else float(calibrate)
+        _scale_logits(model, _ratio(target, _median_margin(model, job.train, sample, dev)))
     return model
 
 
@@ -385,6 +395,7 @@ register_method(
             "forget_batch": 32,
             "hold_weight": 0.1,
             "hold_batch": 32,
+            "calibrate": True,
         },
         by_family={
             "transformer": {"epochs": 16, "p_gen": 0.7, "distil": False},
