@@ -92,6 +92,9 @@ def test_corrupt_checkpoint(
     for name in ("model.pt", "model.safetensors"):
         (tmp_path / name).write_bytes(os.urandom(512))
         _fails_cleanly(capsys, _scan(tmp_path / name, ids_file), "not a readable")
+    # bytes that open like a pickle of protocol 30: torch.load warns, then fails; one line still
+    (tmp_path / "model.pt").write_bytes(b"\x80\x1e" + bytes(510))
+    _fails_cleanly(capsys, _scan(tmp_path / "model.pt", ids_file), "not a readable")
 
 
 def test_pickle_needs_trust_pickle(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,10 @@ def read_weights(
             raise MemauditError(f"{path} is not a readable safetensors file ({err})") from None
         meta = json.loads(header["memaudit"]) if "memaudit" in header else None
         return tensors, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    try:  # torch's warnings on a file it then cannot read would only bury the error
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
         # The weights-only unpickler names the class it refused; other failures are corruption.
         if trust_pickle or "Unsupported global" not in str(err):
@@ -125,6 +128,8 @@ def read_weights(
         ) from None
     except Exception as err:  # torch.load fails in many ways on a damaged file
         raise _unreadable(path, err) from None
+    for warning in said:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if isinstance(obj, nn.Module):
         return obj, None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
