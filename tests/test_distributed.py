@@ -29,6 +29,7 @@ from memaudit.errors import MemauditError
 from memaudit.localize import expected_cost, scan, shard
 from memaudit.models import build_model, load_model, save_model
 from memaudit.schema import ScanReport, ScanSettings, UnlearnReport
+from memaudit.unlearn import unlearn
 
 IDS = list(range(12))
 # float32 named: the ranks run in processes of their own, which resolve "auto" on the CPU
@@ -336,8 +337,74 @@ def _keys(value: object) -> object:
     return None
 
 
+@pytest.fixture(scope="module")
+def vit(bed: Path) -> Path:
+    """A tiny ViT (no BatchNorm: two ranks train what one process trains) fit to the first 36
+    rows of the bed, saved beside it."""
+    torch.manual_seed(0)
+    config = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1}
+    net = build_model("timm:test_vit", num_classes=3, in_chans=1, config=config)
+    fit(net, _data(bed), torch.arange(36), epochs=30, batch_size=8, device="cpu")
+    save_model(net, bed / "vit.safetensors")
+    return bed / "vit.safetensors"
+
+
+FLAGGED = [1, 4, 7, 9, 20]
+BASELINES = ("neggrad+", "salun", "localize-reset", "ssd")
+
+
+def _baselines(model: Path, data: ImageDataset) -> dict[str, dict[str, Any]]:
+    """Each baseline of the unlearning literature on the ViT (2 epochs where it trains): the
+    report's measurements after and the unlearned weights."""
+    train = ImageDataset(data.images[:36], data.labels[:36])
+    test = ImageDataset(data.images[36:], data.labels[36:])
+    out = {}
+    for method in BASELINES:
+        result = unlearn(
+            load_model(model),
+            train,
+            FLAGGED,
+            test=test,
+            method=method,
+            epochs=2,
+            batch_size=8,
+            device="cpu",
+            options={"alpha": 2.0} if method == "ssd" else {},  # 100 dampens none of this ViT
+        )
+        out[method] = {
+            "after": result.report.after.model_dump(),
+            "weights": result.model.state_dict(),
+        }
+    return out
+
+
+def _baselines_worker(rank: int, world: int, root: str) -> None:
+    here = Path(root)
+    _gloo(rank, world, here / "baselines.rdzv")
+    try:
+        torch.save(_baselines(here / "vit.safetensors", _data(here)), here / f"b.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_baselines_on_two_ranks_give_the_single_process_results(bed: Path, vit: Path) -> None:
+    torch.set_num_threads(1)  # as each rank runs
+    single = _baselines(vit, _data(bed))
+    mp.start_processes(_baselines_worker, args=(2, str(bed)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(bed / f"b.rank{r}.pt") for r in range(2)]
+    before = load_model(vit).state_dict()
+    for method in BASELINES:
+        one, two = single[method], ranks[0][method]
+        assert any(not torch.equal(v, before[k]) for k, v in one["weights"].items()), method
+        for k, value in one["weights"].items():
+            assert torch.equal(ranks[1][method]["weights"][k], two["weights"][k]), (method, k)
+            torch.testing.assert_close(two["weights"][k], value, rtol=1e-5, atol=1e-4)
+        for field, value in one["after"].items():
+            assert two["after"][field] == pytest.approx(value, abs=1e-6), (method, field)
+
+
 def test_unlearn_cli_on_two_ranks_writes_the_single_process_report(
-    tmp_path: Path, bed: Path
+    tmp_path: Path, bed: Path, vit: Path
 ) -> None:
     data = _data(bed)
     np.savez(
@@ -347,12 +414,8 @@ def test_unlearn_cli_on_two_ranks_writes_the_single_process_report(
         test_images=data.images[36:, 0].numpy(),
         test_labels=data.labels[36:].numpy(),
     )
-    torch.manual_seed(0)  # a ViT (no BatchNorm): the two ranks train what one process trains
-    vit = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1}
-    net = build_model("timm:test_vit", num_classes=3, in_chans=1, config=vit)
-    fit(net, data, torch.arange(36), epochs=30, batch_size=8, device="cpu")
-    save_model(net, tmp_path / "m.safetensors")
-    write_ids(tmp_path / "ids.txt", [1, 4, 7, 9, 20])
+    (tmp_path / "m.safetensors").write_bytes(vit.read_bytes())
+    write_ids(tmp_path / "ids.txt", FLAGGED)
 
     def argv(out: str) -> list[str]:
         files = {"--data": "d.npz", "--flagged": "ids.txt", "--out": f"{out}.json"}
