@@ -62,7 +62,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.report:
         Path(args.report).write_text(report.model_dump_json())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"seconds": seconds, "peak_mb": peak, "stages": report.timing.stages}))
+    timing = {"seconds": seconds, "peak_mb": peak, "stages": report.timing.stages}
+    print(json.dumps({**timing, "precision": report.settings.precision}))
 
 
 def _run(cmd: list[str], threads: int) -> dict[str, Any]:
@@ -163,6 +164,7 @@ def main() -> None:
             "wall_seconds_with_launch": two_wall,
             "peak_mb": None,
             "stages": b["timing"]["stages"],
+            "precision": b["settings"]["precision"],
             "speedup_scan": one["seconds"] / two_scan,
             "identical_examples": sum(same),
             "identical_report": a["examples"] == b["examples"] and a["summary"] == b["summary"],
