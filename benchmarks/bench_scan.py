@@ -14,7 +14,10 @@ authors' code does, or with ``--reference-channels-last`` channels-last too.
 reports the share of examples whose greedy units are those of the first variant, unit for unit.
 ``--noise-floor`` runs the sequential reference a second time with another draw of reference
 rows: how far two runs of the authors' own procedure agree is the floor under any agreement
-figure.
+figure. ``--draws K`` repeats the whole comparison on K draws of reference rows (scan seeds
+0..K-1, the reference on the same rows as the scan each time) and reports each draw's medians
+and the medians of all draws pooled: one draw's median of examples that need many units moves
+with the rows drawn.
 """
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ def main() -> None:
         action="store_true",
         help="run the sequential reference channels-last too, as memaudit's scan runs",
     )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="repeat with this many draws of reference rows (scan seeds seed, seed+1, ...), "
+        "the reference on the same rows each time; the group's 'draws' holds each draw's "
+        "medians and the medians pooled over draws",
+    )
     parser.add_argument("--groups", default="noisy,clean", help="comma-separated: noisy, clean")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scan.json"))
@@ -139,67 +150,27 @@ def main() -> None:
         "groups": {},
     }
     for name, ids in groups.items():
-        flagged_rows = train.rows(ids)
-        settings = next(iter(variants.values()))
-        # The reference and test rows Auditor.scan draws: two draws of its seeded generator.
-        draw = torch.Generator().manual_seed(settings.seed)
-        ref_rows = sample(complement(len(train), flagged_rows), settings.reference_size, draw)
-        test_rows = sample(torch.arange(len(test)), settings.eval_size, draw)
-
-        sequential = functools.partial(
-            _sequential,
-            model,
-            train,
-            flagged_rows,
-            test=test,
-            test_rows=test_rows,
-            max_units=args.max_units,
-            device=device,
-        )
-        console.print(f"{name}: sequential reference ...")
-        start = time.perf_counter()
-        with channels_last(model) if args.reference_channels_last else contextlib.nullcontext():
-            seq = sequential(ref_rows)
-        seq_seconds = time.perf_counter() - start
-        seq_search = seq_seconds - sum(s.eval_seconds for s in seq)
-        group: dict[str, Any] = {
-            "n": len(ids),
-            "sequential_seconds": seq_seconds,
-            "sequential_search_seconds": seq_search,
-            "sequential_flip_rate": sum(s.flipped for s in seq) / max(1, len(seq)),
-            "sequential_median_units": _median([len(s.units) for s in seq if s.flipped]),
-            "sequential_mean_units": _mean([float(len(s.units)) for s in seq if s.flipped]),
-            # per example, in order ([]: did not flip): to compare later variants offline
-            "sequential_units": [s.units if s.flipped else [] for s in seq],
-            "modes": {},
-        }
-        if args.noise_floor:
-            console.print(f"{name}: sequential reference on other reference rows ...")
-            other = sample(
-                complement(len(train), flagged_rows),
-                settings.reference_size,
-                torch.Generator().manual_seed(settings.seed + 1),
+        runs = []
+        for k in range(args.draws):
+            seeded = {m: v.model_copy(update={"seed": v.seed + k}) for m, v in variants.items()}
+            runs.append(
+                _group(
+                    name,
+                    ids,
+                    seeded,
+                    model,
+                    train,
+                    test,
+                    auditor,
+                    args,
+                    device,
+                    console,
+                    noise_floor=args.noise_floor and k == 0,
+                )
             )
-            again = sequential(other)
-            group["noise_floor"] = {
-                "sequential_median_units": _median([len(s.units) for s in again if s.flipped]),
-                **_agreement([s.units if s.flipped else [] for s in again], seq),
-            }
-        first: list[list[int]] | None = None
-        for mode, variant in variants.items():
-            console.print(f"{name}: {mode} ...")
-            report = auditor.scan(ids, settings=variant)
-            batched_units, batched_seconds = _bare_search(
-                model, train, flagged_rows, ref_rows, variant, device
-            )
-            group["modes"][mode] = _compare(
-                report, batched_units, batched_seconds, seq, seq_seconds, seq_search
-            )
-            first = first or batched_units
-            group["modes"][mode]["same_units_as_first_variant"] = _mean(
-                [float(a == b) for a, b in zip(batched_units, first, strict=True)]
-            )
-        results["groups"][name] = group
+        results["groups"][name] = runs[0]
+        if args.draws > 1:  # each later draw's figures, per example too, under "others"
+            runs[0]["draws"] = {**_draws(runs), "others": runs[1:]}
     g = results["groups"]
     if {"noisy", "clean"} <= g.keys():
         for mode in variants:
@@ -211,6 +182,113 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=2))
     Console(width=200).print(_table(results))
     console.print(f"written to {args.out}")
+
+
+def _group(
+    name: str,
+    ids: list[int],
+    variants: dict[str, ScanSettings],
+    model: Classifier,
+    train: ImageDataset,
+    test: ImageDataset,
+    auditor: Auditor,
+    args: argparse.Namespace,
+    device: torch.device,
+    console: Console,
+    *,
+    noise_floor: bool,
+) -> dict[str, Any]:
+    """One group of ids, on the reference rows of the variants' seed: the sequential reference,
+    then every variant against it."""
+    flagged_rows = train.rows(ids)
+    settings = next(iter(variants.values()))
+    # The reference and test rows Auditor.scan draws: two draws of its seeded generator.
+    draw = torch.Generator().manual_seed(settings.seed)
+    ref_rows = sample(complement(len(train), flagged_rows), settings.reference_size, draw)
+    test_rows = sample(torch.arange(len(test)), settings.eval_size, draw)
+
+    sequential = functools.partial(
+        _sequential,
+        model,
+        train,
+        flagged_rows,
+        test=test,
+        test_rows=test_rows,
+        max_units=args.max_units,
+        device=device,
+    )
+    console.print(f"{name}: sequential reference ...")
+    start = time.perf_counter()
+    with channels_last(model) if args.reference_channels_last else contextlib.nullcontext():
+        seq = sequential(ref_rows)
+    seq_seconds = time.perf_counter() - start
+    seq_search = seq_seconds - sum(s.eval_seconds for s in seq)
+    group: dict[str, Any] = {
+        "n": len(ids),
+        "seed": settings.seed,
+        "sequential_seconds": seq_seconds,
+        "sequential_search_seconds": seq_search,
+        "sequential_flip_rate": sum(s.flipped for s in seq) / max(1, len(seq)),
+        "sequential_median_units": _median([len(s.units) for s in seq if s.flipped]),
+        "sequential_mean_units": _mean([float(len(s.units)) for s in seq if s.flipped]),
+        # per example, in order ([]: did not flip): to compare later variants offline
+        "sequential_units": [s.units if s.flipped else [] for s in seq],
+        "modes": {},
+    }
+    if noise_floor:
+        console.print(f"{name}: sequential reference on other reference rows ...")
+        other = sample(
+            complement(len(train), flagged_rows),
+            settings.reference_size,
+            torch.Generator().manual_seed(settings.seed + 1),
+        )
+        again = sequential(other)
+        group["noise_floor"] = {
+            "sequential_median_units": _median([len(s.units) for s in again if s.flipped]),
+            **_agreement([s.units if s.flipped else [] for s in again], seq),
+        }
+    first: list[list[int]] | None = None
+    for mode, variant in variants.items():
+        console.print(f"{name}: {mode} ...")
+        report = auditor.scan(ids, settings=variant)
+        batched_units, batched_seconds = _bare_search(
+            model, train, flagged_rows, ref_rows, variant, device
+        )
+        group["modes"][mode] = _compare(
+            report, batched_units, batched_seconds, seq, seq_seconds, seq_search
+        )
+        first = first or batched_units
+        group["modes"][mode]["same_units_as_first_variant"] = _mean(
+            [float(a == b) for a, b in zip(batched_units, first, strict=True)]
+        )
+        group["modes"][mode]["greedy_units"] = batched_units  # as sequential_units
+    return group
+
+
+def _draws(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A group over draws of reference rows (the scan's seed and the reference's rows move
+    together): each draw's medians, and the medians of all draws' counts pooled."""
+
+    def counts(units: list[list[int]]) -> list[int]:
+        return [len(u) for u in units if u]
+
+    modes = list(runs[0]["modes"])
+    lists = {"sequential_median_units": [counts(r["sequential_units"]) for r in runs]}
+    lists |= {m: [counts(r["modes"][m]["greedy_units"]) for r in runs] for m in modes}
+    per_draw = [{k: _median(v[d]) for k, v in lists.items()} for d in range(len(runs))]
+    pooled: dict[str, Any] = {k: _median([c for draw in v for c in draw]) for k, v in lists.items()}
+    for m in modes:
+        seconds = [
+            (r["sequential_search_seconds"], r["modes"][m]["batched_search_seconds"]) for r in runs
+        ]
+        pooled[f"{m}_speedup_search_only"] = sum(a for a, _ in seconds) / sum(b for _, b in seconds)
+        pooled[f"{m}_draws_within_1"] = sum(
+            abs(d[m] - d["sequential_median_units"]) <= 1
+            for d in per_draw
+            if d[m] is not None and d["sequential_median_units"] is not None
+        )
+    pooled["n_draws"] = len(runs)
+    return {"seeds": [r["seed"] for r in runs], "per_draw": per_draw, "pooled": pooled}
 
 
 def _sequential(
@@ -323,11 +401,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _table(results: dict[str, Any]) -> Table:
     table = Table(title=f"scan benchmark ({results['device']}, {results['threads']} threads)")
     table.add_column("metric", no_wrap=True)
-    columns = [
-        (group, group["modes"][mode])
-        for group in results["groups"].values()
-        for mode in group["modes"]
-    ]
+    named = [(group, mode) for group in results["groups"].values() for mode in group["modes"]]
+    columns = [(group, group["modes"][mode]) for group, mode in named]
     for name, group in results["groups"].items():
         for mode in group["modes"]:
             table.add_column(f"{name}\n{mode}", justify="right")
@@ -367,6 +442,21 @@ def _table(results: dict[str, Any]) -> Table:
     for key in ["sequential_median_units", "agreement_within_1", "mean_abs_count_difference"]:
         cells = (fmt(g.get("noise_floor", {}).get(key)) for g, _ in columns)
         table.add_row(f"noise_floor_{key}", *cells)
+    if "draws" not in next(iter(results["groups"].values())):
+        return table
+    for k, _ in enumerate(named[0][0]["draws"]["per_draw"]):
+        cells = []
+        for g, m in named:
+            d = g["draws"]["per_draw"][k]
+            cells.append(f"{fmt(d[m])} / {fmt(d['sequential_median_units'])}")
+        table.add_row(f"draw {k}: median units / reference", *cells)
+    pooled = [(g["draws"]["pooled"], m) for g, m in named]
+    median = (f"{fmt(p[m])} / {fmt(p['sequential_median_units'])}" for p, m in pooled)
+    table.add_row("pooled over draws: median units / reference", *median)
+    within = (f"{p[f'{m}_draws_within_1']} of {p['n_draws']}" for p, m in pooled)
+    table.add_row("draws with the medians within 1", *within)
+    speedup = (fmt(p[f"{m}_speedup_search_only"]) for p, m in pooled)
+    table.add_row("search speed-up over all draws", *speedup)
     return table
 
 

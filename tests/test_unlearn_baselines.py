@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,6 +216,39 @@ def test_example_tied_dropout_calibrate_sets_the_median_retained_margin(
     assert scaled == []
     with pytest.raises(MemauditError, match="option calibrate must be"):
         unlearn(model, train, FLAGGED, epochs=2, options={"calibrate": "high"}, device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "says"),
+    [
+        ("example-tied-dropout", {"calibrate": "high"}, "option calibrate must be"),
+        ("example-tied-dropout", {"teacher_share": 1.0}, "options teacher_share must be"),
+        ("example-tied-dropout", {"tie": "some"}, "option tie must be 'all' or 'flagged'"),
+        ("example-tied-dropout", {"p_gen": 0.0, "distil": False}, "options p_gen must be"),
+        ("neggrad+", {"beta": 1.5}, "option beta must be in (0, 1), got 1.5"),
+        ("neggrad+", {"beta": "high"}, "option beta must be a number, got 'high'"),
+        ("salun", {"sparsity": 1.0}, "option sparsity must be in [0, 1), got 1"),
+        ("ssd", {"alpha": 0.0}, "options alpha and lambda must be > 0"),
+        ("gradient-ascent", {"stop_loss": -1.0}, "option stop_loss must be >= 0"),
+    ],
+)
+def test_a_bad_method_option_is_refused_before_any_work(
+    memorized: tuple[Classifier, ImageDataset], method: str, options: dict[str, Any], says: str
+) -> None:
+    model, train = memorized
+    steps: list[object] = []
+    with pytest.raises(MemauditError, match=re.escape(says)):
+        unlearn(
+            model,
+            train,
+            FLAGGED,
+            method=method,
+            epochs=2,
+            options=options,
+            device="cpu",
+            on_progress=steps.append,
+        )
+    assert steps == []  # not even the measurement before
 
 
 def test_example_tied_dropout_needs_two_epochs_unless_told_not_to_distil(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,13 @@ from memaudit.localize import flip_units
 from memaudit.models import Classifier
 from memaudit.units import reset_unit_weights
 from memaudit.unlearn._methods import (
+    Option,
     UnlearnJob,
     UnlearnMethod,
     _fit,
     cycled,
     fresh_copy,
+    number,
     register_method,
 )
 
@@ -48,8 +50,6 @@ def _neggrad_plus(job: UnlearnJob) -> Classifier:
     a model that never saw them.
     """
     beta = float(job.options["beta"])
-    if not 0 < beta < 1:
-        raise MemauditError(f"option beta must be in (0, 1), got {beta}")
     size = min(job.batch_size, len(job.flagged))
     forget = cycled(job.flagged, size, torch.Generator().manual_seed(job.seed))
 
@@ -132,8 +132,6 @@ def _salun(job: UnlearnJob) -> Classifier:
     the benchmark): 0.5% flagged, 100% retained, 93.8% test (retrained: 0.2 / 100 / 98.6).
     """
     sparsity = float(job.options["sparsity"])
-    if not 0 <= sparsity < 1:
-        raise MemauditError(f"option sparsity must be in [0, 1), got {sparsity}")
     model, dev = job.model, pick_device(job.device)
     grads, _, _ = _gradient_sums(
         model, job.train, job.flagged, batch_size=job.batch_size, device=dev, square=False
@@ -199,8 +197,6 @@ def _ssd(job: UnlearnJob) -> Classifier:
     retained, 89.8% test (retrained: 0.2 / 100 / 98.6); not tuned further.
     """
     alpha, lam = float(job.options["alpha"]), float(job.options["lambda"])
-    if alpha <= 0 or lam <= 0:
-        raise MemauditError(f"options alpha and lambda must be > 0, got {alpha} and {lam}")
     model, dev = job.model, pick_device(job.device)
     importance = []
     for k, rows in enumerate((torch.arange(len(job.train)), job.flagged), start=1):
@@ -218,6 +214,27 @@ def _ssd(job: UnlearnJob) -> Classifier:
     return model.eval()
 
 
+def _within(
+    options: Mapping[str, Option],
+    name: str,
+    low: float,
+    high: float,
+    shown: str,
+    *,
+    low_in: bool = False,
+) -> None:
+    """Option ``name`` must lie between ``low`` and ``high`` (``low`` itself with ``low_in``)."""
+    value = number(options, name)
+    if not (low <= value if low_in else low < value) or not value < high:
+        raise MemauditError(f"option {name} must be in {shown}, got {value:g}")
+
+
+def _check_ssd(options: Mapping[str, Option], epochs: int) -> None:
+    alpha, lam = number(options, "alpha"), number(options, "lambda")
+    if alpha <= 0 or lam <= 0:
+        raise MemauditError(f"options alpha and lambda must be > 0, got {alpha:g} and {lam:g}")
+
+
 register_method(
     "neggrad+",
     UnlearnMethod(
@@ -226,6 +243,7 @@ register_method(
         lr_scale=1.0,
         description="descend beta * retained loss - (1 - beta) * flagged loss (Kurmanji 2023)",
         options={"beta": 0.9},
+        check=lambda options, epochs: _within(options, "beta", 0, 1, "(0, 1)"),
     ),
 )
 register_method(
@@ -236,6 +254,7 @@ register_method(
         lr_scale=0.26,
         description="random labels on flagged, only the salient half of the weights (Fan 2024)",
         options={"sparsity": 0.5},
+        check=lambda options, epochs: _within(options, "sparsity", 0, 1, "[0, 1)", low_in=True),
     ),
 )
 register_method(
@@ -255,5 +274,6 @@ register_method(
         lr_scale=1.0,
         description="dampen weights far more important to flagged than to all (Foster 2024)",
         options={"alpha": 100.0, "lambda": 1.0},
+        check=_check_ssd,
     ),
 )

@@ -58,6 +58,8 @@ class UnlearnMethod:
     ``from_scratch``: the rates follow the model family (``memaudit.engine.RECIPES``).
     ``by_family``: defaults of one family over ``epochs`` and ``options``, e.g.
     ``{"transformer": {"epochs": 5, "p_gen": 0.7}}``.
+    ``check(options, epochs)``: raises :class:`~memaudit.errors.MemauditError` for options
+    (or a number of epochs) the method cannot run with; ``unlearn`` calls it before any work.
     """
 
     run: Callable[[UnlearnJob], Classifier]
@@ -67,6 +69,7 @@ class UnlearnMethod:
     options: Mapping[str, Option] = field(default_factory=dict)
     from_scratch: bool = False
     by_family: Mapping[str, Mapping[str, Option]] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Option], int], None] | None = None
 
     def defaults(self, family: str) -> tuple[int, dict[str, Option]]:
         """The epochs and options of this method for a model of ``family``."""
@@ -88,6 +91,14 @@ def register_method(name: str, method: UnlearnMethod) -> None:
     if name in METHODS:
         raise ValueError(f"unlearning method {name!r} is already registered")
     METHODS[name] = method
+
+
+def number(options: Mapping[str, Option], name: str) -> float:
+    """Option ``name`` as a float; a one-line error when it is not a number."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MemauditError(f"option {name} must be a number, got {value!r}")
+    return float(value)
 
 
 def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> Classifier:
@@ -147,24 +158,7 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     hold, size = float(job.options["hold_weight"]), int(job.options["forget_batch"])
     hold_size = int(job.options["hold_batch"])
     calibrate = job.options["calibrate"]
-    if not isinstance(calibrate, bool) and not (
-        isinstance(calibrate, int | float) and calibrate > 0
-    ):
-        raise MemauditError(
-            f"option calibrate must be true, false or a margin > 0, got {calibrate!r}"
-        )
-    if not 0 < share < 1 or min(weight, hold) < 0 or min(size, hold_size) < 1:
-        raise MemauditError(
-            "options teacher_share must be in (0, 1), forget_weight and hold_weight >= 0, "
-            f"forget_batch and hold_batch >= 1; got {share}, {weight}, {hold}, {size} and "
-            f"{hold_size}"
-        )
     first = min(job.epochs - 1, max(1, round(share * job.epochs)))
-    if first < 1:
-        raise MemauditError(
-            f"example-tied dropout needs at least 2 epochs (teacher, then distillation), got "
-            f"{job.epochs}: raise --epochs / --budget, or --option distil=false"
-        )
     dev = pick_device(job.device)
     gen = torch.Generator().manual_seed(job.seed)
     labels = job.train.labels
@@ -211,6 +205,41 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
         target = before if calibrate is True else float(calibrate)
         _scale_logits(model, _ratio(target, _median_margin(model, job.train, sample, dev)))
     return model
+
+
+def _check_example_tied_dropout(options: Mapping[str, Option], epochs: int) -> None:
+    if options["tie"] not in ("all", "flagged"):
+        raise MemauditError(f"option tie must be 'all' or 'flagged', got {options['tie']!r}")
+    if options["layers"] not in ("every", "mlp"):
+        raise MemauditError(f"option layers must be 'every' or 'mlp', got {options['layers']!r}")
+    p_gen, p_mem = number(options, "p_gen"), number(options, "p_mem")
+    if not 0 < p_gen <= 1 or not 0 <= p_mem <= 1:
+        raise MemauditError(
+            f"options p_gen must be in (0, 1], p_mem in [0, 1]; got {p_gen:g}, {p_mem:g}"
+        )
+    if not options["distil"]:
+        return
+    share, weight = number(options, "teacher_share"), number(options, "forget_weight")
+    hold, size = number(options, "hold_weight"), number(options, "forget_batch")
+    hold_size = number(options, "hold_batch")
+    calibrate = options["calibrate"]
+    if not isinstance(calibrate, bool) and not (
+        isinstance(calibrate, int | float) and calibrate > 0
+    ):
+        raise MemauditError(
+            f"option calibrate must be true, false or a margin > 0, got {calibrate!r}"
+        )
+    if not 0 < share < 1 or min(weight, hold) < 0 or min(size, hold_size) < 1:
+        raise MemauditError(
+            "options teacher_share must be in (0, 1), forget_weight and hold_weight >= 0, "
+            f"forget_batch and hold_batch >= 1; got {share:g}, {weight:g}, {hold:g}, {size:g} "
+            f"and {hold_size:g}"
+        )
+    if epochs < 2:
+        raise MemauditError(
+            f"example-tied dropout needs at least 2 epochs (teacher, then distillation), got "
+            f"{epochs}: raise --epochs / --budget, or --option distil=false"
+        )
 
 
 def _median_margin(
@@ -278,12 +307,7 @@ def cycled(rows: torch.Tensor, size: int, gen: torch.Generator) -> Iterator[torc
 def _drop_network(job: UnlearnJob) -> Classifier:
     """Fine-tune with example-tied dropout on all rows, then drop the memorization units."""
     model = job.model
-    tie = job.options.get("tie", "all")
-    if tie not in ("all", "flagged"):
-        raise MemauditError(f"option tie must be 'all' or 'flagged', got {tie!r}")
-    layers = job.options.get("layers", "every")
-    if layers not in ("every", "mlp"):
-        raise MemauditError(f"option layers must be 'every' or 'mlp', got {layers!r}")
+    tie, layers = job.options["tie"], job.options["layers"]
     after = conv_layers(model) if layers == "every" else mlp_hidden_layers(model)
     if not after:
         raise MemauditError("the model has no MLP activations to drop; use layers=every")
@@ -330,6 +354,11 @@ def _gradient_ascent(job: UnlearnJob) -> Classifier:
         ascend=True,
         stop_loss=stop,
     )
+
+
+def _at_least(options: Mapping[str, Option], name: str, low: float) -> None:
+    if number(options, name) < low:
+        raise MemauditError(f"option {name} must be >= {low:g}, got {options[name]}")
 
 
 def _zero_units(job: UnlearnJob) -> Classifier:
@@ -401,6 +430,7 @@ register_method(
             "transformer": {"epochs": 16, "p_gen": 0.7, "distil": False},
             "layernorm-cnn": {"epochs": 8, "p_gen": 0.5, "distil": False},
         },
+        check=_check_example_tied_dropout,
     ),
 )
 register_method(
@@ -415,6 +445,7 @@ register_method(
         lr_scale=0.2,
         description="ascend the flagged loss until it passes stop_loss (0: ln K)",
         options={"stop_loss": 0.0},
+        check=lambda options, epochs: _at_least(options, "stop_loss", 0.0),
     ),
 )
 register_method(

@@ -247,9 +247,11 @@ def unlearn(
             torch.cuda.synchronize(dev)
         return out, time.perf_counter() - start
 
+    n_epochs = budget_epochs(chosen, cfg, recipe)
+    if chosen.check is not None:
+        chosen.check(opts, n_epochs)
     step("measure", 0, 2)
     before = measure(model, train_set, rows, retained, test=test, device=dev)
-    n_epochs = budget_epochs(chosen, cfg, recipe)
     unlearned, seconds = run(chosen, n_epochs, "unlearn")
     step("measure", 1, 2)
     after = measure(unlearned, train_set, rows, retained, test=test, device=dev)
