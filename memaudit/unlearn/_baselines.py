@@ -31,6 +31,7 @@ from memaudit.unlearn._methods import (
     fresh_copy,
     number,
     register_method,
+    within,
 )
 
 
@@ -214,21 +215,6 @@ def _ssd(job: UnlearnJob) -> Classifier:
     return model.eval()
 
 
-def _within(
-    options: Mapping[str, Option],
-    name: str,
-    low: float,
-    high: float,
-    shown: str,
-    *,
-    low_in: bool = False,
-) -> None:
-    """Option ``name`` must lie between ``low`` and ``high`` (``low`` itself with ``low_in``)."""
-    value = number(options, name)
-    if not (low <= value if low_in else low < value) or not value < high:
-        raise MemauditError(f"option {name} must be in {shown}, got {value:g}")
-
-
 def _check_ssd(options: Mapping[str, Option], epochs: int) -> None:
     alpha, lam = number(options, "alpha"), number(options, "lambda")
     if alpha <= 0 or lam <= 0:
@@ -243,7 +229,7 @@ register_method(
         lr_scale=1.0,
         description="descend beta * retained loss - (1 - beta) * flagged loss (Kurmanji 2023)",
         options={"beta": 0.9},
-        check=lambda options, epochs: _within(options, "beta", 0, 1, "(0, 1)"),
+        check=lambda options, epochs: within(options, "beta", 0, 1),
     ),
 )
 register_method(
@@ -254,7 +240,7 @@ register_method(
         lr_scale=0.26,
         description="random labels on flagged, only the salient half of the weights (Fan 2024)",
         options={"sparsity": 0.5},
-        check=lambda options, epochs: _within(options, "sparsity", 0, 1, "[0, 1)", low_in=True),
+        check=lambda options, epochs: within(options, "sparsity", 0, 1, low_in=True),
     ),
 )
 register_method(

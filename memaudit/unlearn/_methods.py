@@ -101,6 +101,23 @@ def number(options: Mapping[str, Option], name: str) -> float:
     return float(value)
 
 
+def within(
+    options: Mapping[str, Option],
+    name: str,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_in: bool = False,
+) -> None:
+    """A one-line error unless option ``name`` is a number above ``low`` (or equal to it, with
+    ``low_in``) and below ``high``."""
+    value = number(options, name)
+    if not (low <= value if low_in else low < value) or not value < high:
+        above = f"{'>=' if low_in else '>'} {low:g}"
+        shown = above if high == math.inf else f"in {'[' if low_in else '('}{low:g}, {high:g})"
+        raise MemauditError(f"option {name} must be {shown}, got {value:g}")
+
+
 def _fit(job: UnlearnJob, model: Classifier, rows: torch.Tensor, **kw: Any) -> Classifier:
     fit(
         model,
@@ -356,11 +373,6 @@ def _gradient_ascent(job: UnlearnJob) -> Classifier:
     )
 
 
-def _at_least(options: Mapping[str, Option], name: str, low: float) -> None:
-    if number(options, name) < low:
-        raise MemauditError(f"option {name} must be >= {low:g}, got {options[name]}")
-
-
 def _zero_units(job: UnlearnJob) -> Classifier:
     """Zero the units whose removal flips each flagged example (``memaudit.localize``)."""
     per_row = flip_units(job.model, job.train, job.flagged, device=job.device)
@@ -445,7 +457,7 @@ register_method(
         lr_scale=0.2,
         description="ascend the flagged loss until it passes stop_loss (0: ln K)",
         options={"stop_loss": 0.0},
-        check=lambda options, epochs: _at_least(options, "stop_loss", 0.0),
+        check=lambda options, epochs: within(options, "stop_loss", 0.0, low_in=True),
     ),
 )
 register_method(
