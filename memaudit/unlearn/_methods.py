@@ -143,10 +143,12 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
        and the flagged rows are predicted as by a model that did not memorize them.
     2. The model itself is fine-tuned on the retained rows, their labels, for the other epochs;
        each step adds ``forget_batch`` flagged rows (cycled) fit to the teacher's class
-       probabilities, at ``forget_weight`` times the retained rows' loss, and ``hold_batch``
-       of the retained rows the teacher gets wrong (cycled) at their labels, at
-       ``hold_weight``: what the model memorized of them is held while the flagged rows are
-       pulled away. The step's weights are divided by their sum (``1 + forget_weight +
+       probabilities, the given label's logit lowered by ``forget_shift`` times the model's
+       median retained margin (the teacher trained on the flagged rows, and is surer of their
+       labels than a model that never saw them), at ``forget_weight`` times the retained rows'
+       loss, and ``hold_batch`` of the retained rows the teacher gets wrong (cycled) at their
+       labels, at ``hold_weight``: what the model memorized of them is held while the flagged
+       rows are pulled away. The step's weights are divided by their sum (``1 + forget_weight +
        hold_weight``), so the added rows do not make a step larger than the recipe's. The
        teacher's logits are first scaled so that its median margin on retained rows is the
        model's.
@@ -192,7 +194,10 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     else:
         median, risky = _median_margin(teacher, job.train, sample, dev), job.retained[:0]
     scale = _ratio(before, median)
-    taught = logits_of(teacher, job.train, job.flagged, device=dev).mul_(scale).softmax(1)
+    taught = logits_of(teacher, job.train, job.flagged, device=dev).mul_(scale)
+    shift = float(job.options["forget_shift"]) * (before or 0.0)
+    taught[torch.arange(len(job.flagged)), labels[job.flagged]] -= shift
+    taught = taught.softmax(1)
     del teacher
     where = torch.full((len(job.train),), -1, dtype=torch.long)
     where[job.flagged] = torch.arange(len(job.flagged))
@@ -240,6 +245,7 @@ def _check_example_tied_dropout(options: Mapping[str, Option], epochs: int) -> N
     hold, size = number(options, "hold_weight"), number(options, "forget_batch")
     hold_size = number(options, "hold_batch")
     calibrate = options["calibrate"]
+    within(options, "forget_shift", 0.0, 1.0, low_in=True)
     if not isinstance(calibrate, bool) and not (
         isinstance(calibrate, int | float) and calibrate > 0
     ):
@@ -434,6 +440,7 @@ register_method(
             "teacher_share": 0.5,
             "forget_weight": 0.3,
             "forget_batch": 32,
+            "forget_shift": 0.4,
             "hold_weight": 0.1,
             "hold_batch": 32,
             "calibrate": True,
