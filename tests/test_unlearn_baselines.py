@@ -63,6 +63,27 @@ def memorized() -> tuple[Classifier, ImageDataset]:
     return model, train
 
 
+def record_steps(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Mixed]:
+    """Every weighted step (the :class:`Mixed` a ``mix`` returns) of the trainings that
+    ``module._fit`` runs from now on, in order."""
+    steps: list[Mixed] = []
+    real = module._fit
+
+    def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: Any) -> Classifier:
+        mix = kw.get("mix")
+        if callable(mix):
+
+            def recorded(batch: torch.Tensor) -> Mixed:
+                steps.append(mix(batch))
+                return steps[-1]
+
+            kw["mix"] = recorded
+        return real(job, net, rows, **kw)
+
+    monkeypatch.setattr(module, "_fit", spy)
+    return steps
+
+
 # What each baseline is run with here: its defaults, but for three. NegGrad+'s forget term at
 # the default beta=0.9 is slow to move rows fit at near-zero loss in 20 steps; 0.8 shows that
 # it acts. A reset takes a larger share of a width-4 model's units than of a real model's: 5
@@ -122,17 +143,7 @@ def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(
     from memaudit.unlearn import _methods
 
     model, train = memorized
-    steps: list[Mixed] = []
-    real = _methods._fit
-
-    def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
-        if "mix" in kw:
-            mix = kw["mix"]
-            assert callable(mix)
-            kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
-        return real(job, net, rows, **kw)  # type: ignore[arg-type]  # the spy passes them on
-
-    monkeypatch.setattr(_methods, "_fit", spy)
+    steps = record_steps(monkeypatch, _methods)
     options = {"forget_batch": 4, "forget_weight": 0.5, "hold_weight": 0.0}
     unlearn(model, train, FLAGGED, epochs=4, batch_size=16, options=options, device="cpu")
     assert len(steps) == 2 * math.ceil(56 / 16)  # 2 teacher epochs, then 2 student epochs
@@ -161,23 +172,15 @@ def test_example_tied_dropout_holds_the_retained_rows_the_drop_network_misses(
 
     model, train = memorized
     missed: list[torch.Tensor] = []
-    real_view, real_fit = _methods._teacher_view, _methods._fit
-    steps: list[Mixed] = []
+    real_view = _methods._teacher_view
 
     def spy_view(*args: object) -> tuple[float | None, torch.Tensor]:
         median, rows = real_view(*args)  # type: ignore[arg-type]  # the spy passes them on
         missed.append(rows)
         return median, rows
 
-    def spy_fit(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
-        if "mix" in kw:
-            mix = kw["mix"]
-            assert callable(mix)
-            kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
-        return real_fit(job, net, rows, **kw)  # type: ignore[arg-type]
-
     monkeypatch.setattr(_methods, "_teacher_view", spy_view)
-    monkeypatch.setattr(_methods, "_fit", spy_fit)
+    steps = record_steps(monkeypatch, _methods)
     # a teacher of a single epoch at p_gen=0.2 misses some retained rows of this tiny model
     options = {
         "forget_batch": 2,
@@ -226,27 +229,17 @@ def test_example_tied_dropout_forget_shift_lowers_the_given_label_of_the_flagged
     from memaudit.unlearn import _methods
 
     model, train = memorized
-    real = _methods._fit
+    steps = record_steps(monkeypatch, _methods)
 
     def targets(shift: float) -> dict[int, torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-
-        def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
-            mix = kw.get("mix")
-            if callable(mix):
-
-                def mixed(batch: torch.Tensor) -> Mixed:
-                    step = mix(batch)
-                    for i, t in zip(step.ids[-2:].tolist(), step.targets[-2:], strict=True):
-                        seen[i] = t
-                    return step
-
-                kw["mix"] = mixed
-            return real(job, net, rows, **kw)  # type: ignore[arg-type]  # passed on
-
-        monkeypatch.setattr(_methods, "_fit", spy)
+        """The flagged rows' targets (the last two rows of each student step)."""
+        steps.clear()
         options = {"forget_batch": 2, "hold_weight": 0.0, "forget_shift": shift}
         unlearn(model, train, FLAGGED, epochs=2, batch_size=16, options=options, device="cpu")
+        seen: dict[int, torch.Tensor] = {}
+        for step in steps:
+            assert step.targets is not None
+            seen.update(zip(step.ids[-2:].tolist(), step.targets[-2:], strict=True))
         return seen
 
     plain, shifted = targets(0.0), targets(0.5)
@@ -492,16 +485,7 @@ def test_neggrad_plus_cycles_the_flagged_rows_beside_each_retained_batch(
     from memaudit.unlearn import _baselines
 
     model, train = memorized
-    steps: list[Mixed] = []
-    real = _baselines._fit
-
-    def spy(job: object, net: Classifier, rows: torch.Tensor, **kw: object) -> Classifier:
-        mix = kw["mix"]
-        assert callable(mix)
-        kw["mix"] = lambda batch: steps.append(mix(batch)) or steps[-1]
-        return real(job, net, rows, **kw)  # type: ignore[arg-type]  # the spy passes them on
-
-    monkeypatch.setattr(_baselines, "_fit", spy)
+    steps = record_steps(monkeypatch, _baselines)
     unlearn(model, train, FLAGGED, method="neggrad+", epochs=2, batch_size=5, device="cpu")
     retained = set(complement(len(train), torch.tensor(FLAGGED)).tolist())
     beta = METHODS["neggrad+"].options["beta"]
