@@ -126,12 +126,43 @@ def test_example_tied_dropout_forgets_the_memorized_rows_and_keeps_the_retained(
     assert result.report.after.flagged_accuracy <= 0.125  # 1 of 8 at most
     assert result.report.after.retained_accuracy == 1.0
     assert list(result.model.state_dict()) == list(model.state_dict())  # a plain model
-    # step 3: the retained rows' median margin is the model's before
-    retained = complement(len(train), torch.tensor(FLAGGED))
-    after = margins(result.model, train, retained, device="cpu").median()
-    assert float(after) == pytest.approx(
-        float(margins(model, train, retained, device="cpu").median()), rel=1e-4
-    )
+
+
+def test_example_tied_dropout_scales_the_head_by_the_share_the_teacher_contradicts(
+    memorized: tuple[Classifier, ImageDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 3 (calibrate=contradicted, the default) scales the head by r ** q: r is the factor
+    that calibrate=true applies (the retained rows' median margin back to the model's before), q
+    the share of the flagged rows the teacher predicts as another class than their label. Half
+    of the flagged rows here are mislabeled (the teacher contradicts them), half are clean."""
+    from memaudit.unlearn import _methods
+
+    model, train = memorized
+    flagged = FLAGGED[:4] + [r + 1 for r in FLAGGED[4:]]  # 4 mislabeled, 4 clean rows
+    rows = torch.tensor(flagged)
+    factors: list[float] = []
+    teacher: list[torch.Tensor] = []
+    real_scale, real_logits = _methods._scale_logits, _methods.logits_of
+
+    def spy_scale(net: Classifier, factor: float) -> None:
+        factors.append(factor)
+        real_scale(net, factor)
+
+    def spy_logits(net: Classifier, data: ImageDataset, r: torch.Tensor, **kw: Any) -> torch.Tensor:
+        out = real_logits(net, data, r, **kw)
+        if torch.equal(r, rows) and len(teacher) < len(factors) + 1:
+            teacher.append(out)  # the first pass over the flagged rows: the teacher's
+        return out
+
+    monkeypatch.setattr(_methods, "_scale_logits", spy_scale)
+    monkeypatch.setattr(_methods, "logits_of", spy_logits)
+    for calibrate in (True, "contradicted"):
+        options = {"calibrate": calibrate}
+        unlearn(model, train, flagged, epochs=4, batch_size=16, options=options, device="cpu")
+    r, scaled = factors
+    share = float((teacher[1].argmax(1) != train.labels[rows]).float().mean())
+    assert 0 < share < 1 and r != pytest.approx(1.0)
+    assert scaled == pytest.approx(r**share, rel=1e-5)
 
 
 def test_example_tied_dropout_fits_the_flagged_rows_to_the_drop_network(

@@ -152,9 +152,13 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
        hold_weight``), so the added rows do not make a step larger than the recipe's. The
        teacher's logits are first scaled so that its median margin on retained rows is the
        model's.
-    3. The head is scaled so that the median margin on retained rows is the model's before
-       (``calibrate=true``; a number: that median margin; ``false``: no scaling). No scaling
-       in 2 or 3 where a median margin is not positive.
+    3. The head is scaled back towards the model's confidence before: by ``r ** q``, ``r``
+       being the factor that makes the median margin on retained rows the model's before and
+       ``q`` the share of the flagged rows the teacher predicts as another class than their
+       label (``calibrate="contradicted"``). A model retrained without flagged rows that
+       contradicted the rest of the data is surer than the original; without ordinary images,
+       it is not. ``calibrate=true``: by ``r``; a number: to that median margin; ``false``: no
+       scaling. No scaling in 2 or 3 where a median margin is not positive.
 
     Why a teacher and not the drop network itself: the drop network forgets every example's
     memorization, the retained rows' as well (400 random clean ids flagged on the testbed: 88%
@@ -195,6 +199,7 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
         median, risky = _median_margin(teacher, job.train, sample, dev), job.retained[:0]
     scale = _ratio(before, median)
     taught = logits_of(teacher, job.train, job.flagged, device=dev).mul_(scale)
+    contradicted = float((taught.argmax(1) != labels[job.flagged]).float().mean())
     shift = float(job.options["forget_shift"]) * (before or 0.0)
     taught[torch.arange(len(job.flagged)), labels[job.flagged]] -= shift
     taught = taught.softmax(1)
@@ -224,8 +229,11 @@ def _example_tied_dropout(job: UnlearnJob) -> Classifier:
     rest = dataclasses.replace(job, epochs=job.epochs - first, on_epoch=_progress(job, first))
     model = _fit(rest, job.model, job.retained, mix=mix)
     if calibrate is not False:
-        target = before if calibrate is True else float(calibrate)
-        _scale_logits(model, _ratio(target, _median_margin(model, job.train, sample, dev)))
+        target = before if calibrate in (True, "contradicted") else float(calibrate)
+        factor = _ratio(target, _median_margin(model, job.train, sample, dev))
+        if calibrate == "contradicted":
+            factor = factor**contradicted
+        _scale_logits(model, factor)
     return model
 
 
@@ -246,11 +254,13 @@ def _check_example_tied_dropout(options: Mapping[str, Option], epochs: int) -> N
     hold_size = number(options, "hold_batch")
     calibrate = options["calibrate"]
     within(options, "forget_shift", 0.0, 1.0, low_in=True)
-    if not isinstance(calibrate, bool) and not (
-        isinstance(calibrate, int | float) and calibrate > 0
+    if (
+        calibrate != "contradicted"
+        and not isinstance(calibrate, bool)
+        and not (isinstance(calibrate, int | float) and calibrate > 0)
     ):
         raise MemauditError(
-            f"option calibrate must be true, false or a margin > 0, got {calibrate!r}"
+            f"option calibrate must be contradicted, true, false or a margin > 0, got {calibrate!r}"
         )
     if not 0 < share < 1 or min(weight, hold) < 0 or min(size, hold_size) < 1:
         raise MemauditError(
@@ -443,7 +453,7 @@ register_method(
             "forget_shift": 0.4,
             "hold_weight": 0.1,
             "hold_batch": 32,
-            "calibrate": True,
+            "calibrate": "contradicted",
         },
         by_family={
             "transformer": {"epochs": 16, "p_gen": 0.7, "distil": False},
