@@ -398,7 +398,20 @@ def test_the_baselines_on_two_ranks_give_the_single_process_results(bed: Path, v
         assert any(not torch.equal(v, before[k]) for k, v in one["weights"].items()), method
         for k, value in one["weights"].items():
             assert torch.equal(ranks[1][method]["weights"][k], two["weights"][k]), (method, k)
-            torch.testing.assert_close(two["weights"][k], value, rtol=1e-5, atol=1e-4)
+            mine = two["weights"][k]
+            # The key bias adds the same amount to all of a query's attention logits, so its
+            # gradient is rounding noise, which AdamW scales up to a full step: left out.
+            if k.endswith("attn.qkv.bias"):
+                keep = torch.ones_like(value, dtype=torch.bool)
+                keep[16:32] = False  # embed_dim 16: query, key, value
+                mine, value = mine[keep], value[keep]
+            torch.testing.assert_close(
+                mine,
+                value,
+                rtol=1e-5,
+                atol=1e-4,
+                msg=lambda m, where=f"{method} {k}": f"{where}: {m}",
+            )
         for field, value in one["after"].items():
             assert two["after"][field] == pytest.approx(value, abs=1e-6), (method, field)
 
