@@ -308,6 +308,7 @@ def run_one(
     for method in methods:
         console.print(f"  {escape(method)} ...")
         name, options = method_spec(method)
+        again = name == "retrain"
         result = unlearn(
             model,
             train,
@@ -318,13 +319,13 @@ def run_one(
             retrained=retrained,
             references=refs,
             seed=seed if method_seed is None else method_seed,
-            budget=None if name == "retrain" else budget,
+            budget=None if again else budget,
             device="cpu",
         )
         if not rows:
             rows["original model"] = figures(result.report, "before")
             rows["retrain"] = {**figures(result.report, "retrain"), "seconds": retrain_seconds}
-        rows["retrain again" if method == "retrain" else method] = figures(result.report, "after")
+        rows["retrain again" if again else method] = figures(result.report, "after")
     return rows
 
 
